@@ -1,0 +1,118 @@
+"""Run a comparison suite: one teacher, then every method on the same student, seed and budget.
+
+    python experiments/suite.py cpu-small            # writes experiments/results/cpu-small.{csv,md}
+    python experiments/suite.py demo --out /tmp/x    # what `make demo` runs
+    python experiments/suite.py cpu-small --only mosaic kd_ood
+
+A suite is a YAML file in experiments/suites/: `teacher` (overrides for `mosaic
+train-teacher`), `common` (overrides for every distillation run) and `methods`
+(name -> overrides). The teacher run is reused when its model already exists.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+COLUMNS = ["method", "student_top1", "agreement", "teacher_top1", "steps", "wall_s", "device", "student", "teacher"]
+
+
+def _items(d: dict) -> list[str]:
+    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else ('null' if v is None else v)}"
+            for k, v in d.items()]
+
+
+def offline_data() -> bool:
+    """True when the offline archives are reachable through the data root."""
+    from mosaic.data import data_root
+    root = data_root()
+    return (root / "cifar10-jpeg.tar.gz").exists() or (root / "cifar10-jpeg").is_dir()
+
+
+def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[str] | None = None) -> list[dict]:
+    """Train (or reuse) the suite's teacher, run its methods, write the tables; returns the rows."""
+    from mosaic.cli import TEACHER_BASE, _resolve
+    from mosaic.engine import train
+
+    spec = yaml.safe_load((HERE / "suites" / f"{name}.yaml").read_text())
+    data = dict(spec.get("data", {}))
+    if not offline_data():  # with internet: torchvision CIFAR-10 in-domain, CIFAR-100 as OOD
+        data.update({"data.ood": "cifar100", "data.download": True})
+    teacher_dir = out_dir / f"{name}-teacher"
+    if not (teacher_dir / "model.safetensors").exists():
+        t0 = time.time()
+        cfg = _resolve(_items({**data, **spec["teacher"], "out_dir": str(out_dir), "name": teacher_dir.name,
+                               "overwrite": True}), TEACHER_BASE)
+        train(cfg)
+        print(f"[suite] teacher trained in {time.time() - t0:.0f}s", flush=True)
+    rows = []
+    for method, overrides in spec["methods"].items():
+        if only and method not in only:
+            continue
+        label = overrides.pop("label", method) if overrides else method
+        items = {**data, **spec.get("common", {}), "method": method, **(overrides or {}),
+                 "teacher": str(teacher_dir / "model.safetensors"), "out_dir": str(out_dir),
+                 "name": f"{name}-{label}", "overwrite": True}
+        print(f"[suite] {label}: {' '.join(_items(items))}", flush=True)
+        res = train(_resolve(_items(items)))
+        rows.append({"method": label, **{k: res.get(k) for k in COLUMNS if k != "method"}})
+        rows[-1]["wall_s"] = round(res["wall_s"], 1)
+    if results_dir is not None:
+        write_tables(rows, results_dir / name, title=spec.get("title", name), note=spec.get("note", ""))
+    return rows
+
+
+def markdown(rows: list[dict], *, title: str = "", note: str = "") -> str:
+    """The rows as a markdown table (accuracies in percent)."""
+    def fmt(key, v):
+        if v is None:
+            return "-"
+        if key in ("student_top1", "agreement", "teacher_top1"):
+            return f"{100 * v:.2f}"
+        return str(v)
+    lines = [f"# {title}", ""] if title else []
+    if note:
+        lines += [note.strip(), ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(k, r.get(k)) for k in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: list[dict], stem: Path, *, title: str, note: str) -> None:
+    """Write <stem>.csv and <stem>.md."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    Path(f"{stem}.md").write_text(markdown(rows, title=title, note=note))
+    print(f"[suite] wrote {stem}.csv and {stem}.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", help="name of a file in experiments/suites/ (without .yaml)")
+    parser.add_argument("--out", default="runs", help="parent folder of the run folders (default: runs)")
+    parser.add_argument("--no-tables", action="store_true", help="do not write experiments/results/<suite>.*")
+    parser.add_argument("--only", nargs="*", help="run only these methods")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    rows = run_suite(args.suite, out_dir=Path(args.out), only=args.only,
+                     results_dir=None if args.no_tables else HERE / "results")
+    print()
+    print(markdown(rows))
+    print(f"total {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

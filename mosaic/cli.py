@@ -1,0 +1,127 @@
+"""The `mosaic` command: train-teacher, distill, evaluate, and listings.
+
+    mosaic train-teacher [config.yaml] [key=value ...]
+    mosaic distill [config.yaml] [key=value ...]
+    mosaic evaluate MODEL [key=value ...]
+    accelerate launch -m mosaic distill ...      # several processes / GPUs / machines
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from mosaic import config as config_lib
+
+# What `train-teacher` changes in the defaults: a supervised run with the classic CIFAR recipe.
+TEACHER_BASE = {
+    "method": "supervised",
+    "student": {"arch": "resnet34_cifar", "lr": 0.1, "weight_decay": 5e-4},
+    "schedule": "onecycle",
+    "batch_size": 128,
+    "epochs": 30,
+    "eval_every": 0,
+    "sample_every": 0,
+    "data": {"ood": None},
+}
+
+EXAMPLES = {
+    "train-teacher": "mosaic train-teacher student.arch=wrn40_2 epochs=60 name=teacher-wrn40_2",
+    "distill": "mosaic distill teacher=runs/teacher-wrn40_2 student.arch=wrn16_1 ood=tiny-imagenet steps=2000",
+    "evaluate": "mosaic evaluate runs/mosaic-wrn16_1/model.safetensors data.test=cifar10",
+}
+
+
+def _split(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Separate an optional YAML path from key=value overrides."""
+    yaml_path, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif yaml_path is None and item.endswith((".yaml", ".yml")):
+            yaml_path = item
+        else:
+            raise config_lib.ConfigError(f"unexpected argument '{item}': give a .yaml config file and key=value overrides")
+    return yaml_path, overrides
+
+
+def _resolve(items: Sequence[str], base: dict | None = None) -> dict:
+    from mosaic.methods import method_defaults
+    yaml_path, overrides = _split(items)
+    return config_lib.resolve(yaml_path=yaml_path, overrides=overrides, base=base, method_defaults=method_defaults)
+
+
+def _cmd_train(items: Sequence[str], *, base: dict | None, print_config: bool) -> int:
+    cfg = _resolve(items, base)
+    if cfg["name"] is None and base is TEACHER_BASE:
+        cfg["name"] = f"teacher-{cfg['student']['arch']}"
+    if print_config:
+        print(config_lib.yaml.safe_dump(cfg, sort_keys=False), end="")
+        return 0
+    from mosaic.engine import run_dir, train
+    results = train(cfg)
+    print(json.dumps(results, indent=2))
+    print(f"run folder: {run_dir(cfg)}")
+    return 0
+
+
+def _cmd_evaluate(model: str, items: Sequence[str]) -> int:
+    from mosaic.engine import evaluate
+    cfg = _resolve(items, {"data": {"ood": None}})
+    print(json.dumps(evaluate(model, cfg), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `mosaic` command."""
+    parser = argparse.ArgumentParser(prog="mosaic", description="Knowledge distillation without the teacher's data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("train-teacher", "train a classifier on labelled in-domain data (the teacher)"),
+                       ("distill", "distil a teacher into a student with a method (default: MosaicKD)")):
+        p = sub.add_parser(name, help=text, description=f"{text}. Config = defaults < YAML file < key=value overrides "
+                           f"(dotted keys, e.g. data.ood=tiny-imagenet). Example: {EXAMPLES[name]}")
+        p.add_argument("args", nargs="*", metavar="[config.yaml] key=value",
+                       help="optional YAML config file, then overrides (shorthands: teacher=, student=, ood=, "
+                            "train=, test=, arch=)")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p = sub.add_parser("evaluate", help="top-1 of a saved model on an in-domain test set",
+                       description=f"Top-1 of a saved model (and agreement with a teacher). Example: {EXAMPLES['evaluate']}")
+    p.add_argument("model", help="model.safetensors (with its .json) or a run folder")
+    p.add_argument("args", nargs="*", metavar="key=value", help="overrides, e.g. data.test=cifar10 teacher=PATH")
+    sub.add_parser("list-models", help="the CIFAR-style networks registered in timm (any timm name also works)")
+    sub.add_parser("list-methods", help="registered distillation methods")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mosaic` console script."""
+    args = build_parser().parse_args(argv)
+    from mosaic.data import DataError
+    from mosaic.engine import RunError
+    from mosaic.models import CheckpointError, ModelError
+    try:
+        if args.command == "train-teacher":
+            return _cmd_train(args.args, base=TEACHER_BASE, print_config=args.print_config)
+        if args.command == "distill":
+            return _cmd_train(args.args, base={}, print_config=args.print_config)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args.model, args.args)
+        if args.command == "list-models":
+            from mosaic.models import list_cifar_models
+            print("\n".join(list_cifar_models()))
+            return 0
+        if args.command == "list-methods":
+            from mosaic.methods import get_method, list_methods
+            for name in list_methods():
+                doc = (get_method(name).__doc__ or "").strip().splitlines()
+                print(f"{name:14s} {doc[0] if doc else ''}")
+            return 0
+    except (config_lib.ConfigError, DataError, RunError, CheckpointError, ModelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

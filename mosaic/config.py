@@ -1,0 +1,200 @@
+"""One config system: built-in defaults < YAML file < `key=value` overrides (dotted keys).
+
+A config is a plain nested dict. Every key must exist in the defaults (the engine's
+below, plus the section of the chosen method, named after it), so a typo is an error
+with close matches instead of a silently ignored option.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown key, bad value or unreadable file."""
+
+
+# Engine defaults. Methods add their own section (see mosaic.methods.Method.defaults).
+DEFAULTS: dict[str, Any] = {
+    "method": "mosaic",         # registered method name (mosaic list-methods)
+    "name": None,               # run folder name under out_dir; default "<method>-<student.arch>"
+    "out_dir": "runs",          # parent folder of run folders
+    "seed": 0,                  # seeds python, numpy, torch (and each rank differently for data/noise)
+    "steps": 1000,              # training steps (one outer iteration of the method each)
+    "epochs": None,             # if set, steps = ceil(epochs * len(train) / global batch); for supervised runs
+    "batch_size": 256,          # images per process per step and data stream
+    "resume": False,            # continue from the latest checkpoint in the run folder
+    "overwrite": False,         # delete an existing run folder first
+    "mixed_precision": "no",    # no | fp16 | bf16 (Accelerate autocast)
+    "cpu": False,               # force CPU even when a GPU is present
+    "compile": False,           # torch.compile the players (GPU speed switch)
+    "channels_last": False,     # channels-last memory format for players and teacher
+    "schedule": "cosine",       # learning-rate schedule over `steps`: cosine | onecycle | constant
+    "warmup": 0.0,              # fraction of steps with linear warm-up (onecycle uses 0.15 when 0)
+    "log_every": 50,            # steps between metric lines in metrics.jsonl
+    "eval_every": 500,          # steps between evaluations on the test set (0: only at the end)
+    "eval_batch_size": 512,
+    "ckpt_every": 500,          # steps between checkpoints (0: only at the end)
+    "keep_ckpts": 2,            # checkpoints kept in run/checkpoints
+    "sample_every": 1000,       # steps between sample image grids (0: only at the end)
+    "progress": True,           # tqdm progress bar (main process only)
+    "data": {
+        "root": None,           # data root; default $MOSAIC_DATA_ROOT, ./data or ../shared/data
+        "train": "cifar10",     # in-domain training set (teacher training, in-domain KD)
+        "test": "cifar10",      # in-domain test set for evaluation (null: no evaluation)
+        "ood": "tiny-imagenet", # unlabelled out-of-domain pool (null for data-free methods)
+        "image_size": 32,
+        "channels": 3,
+        "download": False,      # allow torchvision downloads (needs internet)
+        "train_limit": None,    # keep this many training images (class-balanced)
+        "test_limit": None,     # keep this many test images (class-balanced)
+        "ood_limit": None,      # keep this many OOD images (random subset)
+        "on_corrupt": "warn",   # unreadable image: warn (skip it) | error
+        "cache": True,          # cache decoded images as uint8 tensors
+        "crop_padding": 4,      # random-crop padding of the in-device augmentation (0: none)
+        "flip": True,           # random horizontal flip
+    },
+    "teacher": {
+        "checkpoint": None,     # model.safetensors (+ .json) from train-teacher, or any state_dict file
+        "arch": None,           # architecture; read from the checkpoint's JSON when null
+        "num_classes": None,    # class count; from the JSON, else from the test set
+    },
+    "student": {
+        "arch": "resnet18_cifar",  # any timm model name
+        "checkpoint": None,     # optional initial weights
+        "lr": 0.1,              # SGD learning rate
+        "momentum": 0.9,
+        "weight_decay": 1e-4,   # (train-teacher uses 5e-4)
+        "nesterov": False,
+    },
+}
+
+# `key=value` shorthands on the command line.
+ALIASES = {"teacher": "teacher.checkpoint", "ood": "data.ood", "student": "student.arch",
+           "train": "data.train", "test": "data.test", "arch": "student.arch"}
+
+
+def _close(key: str, options: Iterable[str]) -> str:
+    """A ' did you mean ...?' suffix for an unknown key, or ''."""
+    matches = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(matches)}?" if matches else ""
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, bools, null, lists)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def merge(base: dict, update: Mapping, *, where: str = "", strict: bool = True) -> dict:
+    """Recursively merge `update` into a copy of `base`; unknown keys raise ConfigError."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        path = f"{where}{key}"
+        if strict and key not in out:
+            raise ConfigError(f"unknown config key '{path}'{_close(key, out)}")
+        if isinstance(out.get(key), dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{path}' is a section; set its fields, e.g. {path}.{next(iter(out[key]), 'x')}=...")
+            out[key] = merge(out[key], value, where=path + ".", strict=strict)
+        else:
+            out[key] = value
+    return out
+
+
+def overrides_to_dict(overrides: Iterable[str]) -> dict:
+    """Turn ['a.b=1', 'c=x'] into {'a': {'b': 1}, 'c': 'x'} (aliases expanded)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, text = item.split("=", 1)
+        key = ALIASES.get(key.strip(), key.strip())
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier one")
+        node[leaf] = parse_value(text)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def resolve(*, yaml_path: str | Path | None = None, overrides: Iterable[str] = (),
+            base: Mapping | None = None, method_defaults=None) -> dict:
+    """Build the full config: defaults < `base` < YAML < overrides, with the method's section added.
+
+    `method_defaults(name) -> dict` gives a method's option defaults (the registry's);
+    the method name is read from the merged user input before validation.
+    """
+    user = merge({}, base or {}, strict=False)
+    if yaml_path is not None:
+        user = merge(user, load_yaml(yaml_path), strict=False)
+    user = merge(user, overrides_to_dict(overrides), strict=False)
+    defaults = copy.deepcopy(DEFAULTS)
+    method = user.get("method", defaults["method"])
+    if method_defaults is not None:
+        defaults[method] = copy.deepcopy(method_defaults(method))
+    cfg = merge(defaults, user)
+    if cfg["mixed_precision"] is False:  # YAML 1.1 reads a bare `no` as false
+        cfg["mixed_precision"] = "no"
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Mapping) -> None:
+    """Reject values the engine cannot run with, naming the key and the fix."""
+    def positive(key: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+        if not ok:
+            raise ConfigError(f"'{key}' must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+
+    positive("steps", cfg["steps"])
+    positive("batch_size", cfg["batch_size"])
+    positive("eval_batch_size", cfg["eval_batch_size"])
+    positive("keep_ckpts", cfg["keep_ckpts"])
+    for key in ("log_every", "eval_every", "ckpt_every", "sample_every"):
+        positive(key, cfg[key], allow_zero=True)
+    if cfg["epochs"] is not None and not (isinstance(cfg["epochs"], (int, float)) and cfg["epochs"] > 0):
+        raise ConfigError(f"'epochs' must be a positive number or null, got {cfg['epochs']!r}")
+    data = cfg["data"]
+    positive("data.image_size", data["image_size"])
+    if data["channels"] not in (1, 3):
+        raise ConfigError(f"'data.channels' must be 1 or 3, got {data['channels']!r}")
+    for key in ("train_limit", "test_limit", "ood_limit"):
+        positive(f"data.{key}", data[key], allow_none=True)
+    if data["on_corrupt"] not in ("warn", "error"):
+        raise ConfigError(f"'data.on_corrupt' must be warn or error, got {data['on_corrupt']!r}")
+    if cfg["mixed_precision"] not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"'mixed_precision' must be no, fp16 or bf16, got {cfg['mixed_precision']!r}")
+    if cfg["schedule"] not in ("cosine", "onecycle", "constant"):
+        raise ConfigError(f"'schedule' must be cosine, onecycle or constant, got {cfg['schedule']!r}")
+    if not 0.0 <= float(cfg["warmup"]) < 1.0:
+        raise ConfigError(f"'warmup' is a fraction of the steps in [0, 1), got {cfg['warmup']!r}")
+
+
+def dump(cfg: Mapping, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(dict(cfg), sort_keys=False))

@@ -1,0 +1,515 @@
+"""The one training loop every method runs on.
+
+The engine owns devices, precision, seeding, steps, LR schedules, evaluation,
+checkpoints, logging, progress and the run folder; a method (mosaic.methods) owns
+only its players and its `step`. Data flows one way:
+config -> data + models -> method -> engine -> run folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mosaic import config as config_lib
+from mosaic.augment import Augment, to_float
+from mosaic.data import DataError, ImageSet, load_image_set
+from mosaic.methods import Context, get_method
+from mosaic.models import CheckpointError, create_model, freeze, load_model, load_state, save_model
+from mosaic.stream import Stream
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue: existing folder, mismatched teacher and data, ..."""
+
+
+# ----------------------------------------------------------------------------- models
+
+def load_classifier(checkpoint: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
+                    in_chans: int = 3, default_classes: int | None = None) -> tuple[nn.Module, dict]:
+    """Load a classifier from our safetensors+JSON pair, a run folder, or any state_dict file given its arch.
+
+    `default_classes` (the data's class count) is used for a bare state_dict when num_classes is not given.
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' not found")
+    twin = path / "model.json" if path.is_dir() else path.with_suffix(".json")
+    if twin.is_file():
+        model, meta = load_model(path)
+        if arch is not None and arch != meta["arch"]:
+            raise CheckpointError(f"checkpoint '{path}' holds a {meta['arch']}, but arch={arch} was asked for")
+        if num_classes is not None and num_classes != meta["num_classes"]:
+            raise CheckpointError(f"checkpoint '{path}' has {meta['num_classes']} classes, but num_classes={num_classes}")
+        return model, meta
+    num_classes = num_classes or default_classes
+    if arch is None or num_classes is None:
+        raise CheckpointError(f"checkpoint '{path}' has no model.json beside it: give its architecture and "
+                              f"class count (teacher.arch=..., teacher.num_classes=...)")
+    model = create_model(arch, num_classes=num_classes, in_chans=in_chans)
+    load_state(model, path)
+    return model.eval(), {"arch": arch, "num_classes": num_classes, "in_chans": in_chans}
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def lr_factor(step: int, total: int, *, kind: str, warmup: float) -> float:
+    """Multiplier of the base learning rate at `step` of `total` (cosine, one-cycle or constant)."""
+    if kind == "onecycle" and warmup == 0.0:
+        warmup = 0.15
+    warm = int(round(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    if kind == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    if kind == "onecycle":  # linear anneal to zero after the warm-up peak
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Progress:
+    """The step counter, checkpointed with the run."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def run_dir(cfg: dict) -> Path:
+    """The run folder `<out_dir>/<name>`."""
+    name = cfg["name"] or f"{cfg['method']}-{cfg['student']['arch']}"
+    return Path(cfg["out_dir"]) / name
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in a run folder, oldest first."""
+    ckpt = folder / "checkpoints"
+    if not ckpt.is_dir():
+        return []
+    done = [p for p in ckpt.glob("step_*") if p.is_dir() and (p / "DONE").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def prepare_run_dir(cfg: dict, accelerator) -> Path:
+    """Create the run folder, refusing to clobber an existing run unless resume/overwrite is set."""
+    folder = run_dir(cfg)
+    exists = folder.exists() and any(folder.iterdir())
+    if exists and not cfg["resume"] and not cfg["overwrite"]:
+        raise RunError(f"run folder '{folder}' already exists: pass resume=true to continue it, "
+                       f"overwrite=true to start again, or name=<new name>")
+    if accelerator.is_main_process:
+        if exists and cfg["overwrite"] and not cfg["resume"]:
+            shutil.rmtree(folder)
+        for sub in ("checkpoints", "samples"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+class MetricLog:
+    """Appends metric records to metrics.jsonl (and TensorBoard when installed), main process only."""
+
+    def __init__(self, folder: Path, *, enabled: bool, resume_step: int | None) -> None:
+        self.path = folder / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(folder / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, ctx: Context, *, batch_size: int) -> Tensor:
+    """Logits of `model` for uint8 images, in batches, in eval mode (train mode restored after)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = ctx.normalize(to_float(images[i:i + batch_size]))
+        with ctx.accelerator.autocast():
+            out.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, ctx.num_classes, device=images.device)
+
+
+class Evaluator:
+    """Top-1 of the student, of the teacher (computed once) and their agreement on the test set."""
+
+    def __init__(self, test: ImageSet, ctx: Context, *, batch_size: int) -> None:
+        acc = ctx.accelerator
+        self.ctx, self.batch_size = ctx, batch_size
+        if test.labels is None:
+            raise RunError(f"the test set '{test.name}' has no labels: data.test must be a labelled data set")
+        self.images = test.images[acc.process_index::acc.num_processes].to(ctx.device)
+        self.labels = test.labels[acc.process_index::acc.num_processes].to(ctx.device)
+        self.total = len(test)
+        self.teacher_pred = None
+        self.teacher_top1 = None
+        if ctx.teacher is not None:
+            self.teacher_pred = predict(ctx.teacher, self.images, ctx, batch_size=batch_size).argmax(1)
+            self.teacher_top1 = self._fraction((self.teacher_pred == self.labels).sum())
+
+    def _fraction(self, count: Tensor) -> float:
+        return float(self.ctx.accelerator.reduce(count.float(), reduction="sum").item()) / self.total
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        pred = predict(model, self.images, self.ctx, batch_size=self.batch_size).argmax(1)
+        out = {"student_top1": self._fraction((pred == self.labels).sum())}
+        if self.teacher_pred is not None:
+            out["teacher_top1"] = self.teacher_top1
+            out["agreement"] = self._fraction((pred == self.teacher_pred).sum())
+        return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _load_data(cfg: dict, needs: dict[str, int], accelerator) -> dict[str, ImageSet]:
+    """Decode (or read from cache) the data sets the method and the evaluation need."""
+    d = cfg["data"]
+    common = dict(image_size=d["image_size"], channels=d["channels"], root=d["root"], download=d["download"],
+                  on_corrupt=d["on_corrupt"], cache=d["cache"], seed=cfg["seed"])
+    wanted = {}
+    if "train" in needs:
+        if not d["train"]:
+            raise RunError(f"method '{cfg['method']}' trains on labelled in-domain data: set data.train")
+        wanted["train"] = dict(spec=d["train"], split="train", limit=d["train_limit"], labelled=True)
+    if "ood" in needs:
+        if not d["ood"]:
+            raise RunError(f"method '{cfg['method']}' needs out-of-domain images: set ood=<folder or data set>")
+        wanted["ood"] = dict(spec=d["ood"], split="train", limit=d["ood_limit"], labelled=False)
+    if d["test"]:
+        wanted["test"] = dict(spec=d["test"], split="test", limit=d["test_limit"], labelled=True)
+    out = {}
+    with accelerator.main_process_first():  # the main process fills the decode cache first
+        for key, spec in wanted.items():
+            out[key] = load_image_set(spec.pop("spec"), **spec, **common)
+    return out
+
+
+def _teacher(cfg: dict, sets: dict[str, ImageSet], requires: bool) -> tuple[nn.Module | None, dict]:
+    """The frozen teacher (or None when the method trains without one) and its metadata."""
+    t = cfg["teacher"]
+    if not t["checkpoint"]:
+        if requires:
+            raise RunError(f"method '{cfg['method']}' distils a teacher: pass teacher=<checkpoint> "
+                           f"(train one with `mosaic train-teacher`)")
+        return None, {}
+    labelled = sets.get("train") or sets.get("test")
+    model, meta = load_classifier(t["checkpoint"], arch=t["arch"], num_classes=t["num_classes"],
+                                  in_chans=cfg["data"]["channels"],
+                                  default_classes=labelled.num_classes if labelled is not None else None)
+    return freeze(model), meta
+
+
+def _check_task(cfg: dict, sets: dict[str, ImageSet], teacher_meta: dict) -> tuple[int, tuple, tuple]:
+    """Class count and normalisation of the task; mismatches between teacher and data are errors."""
+    d = cfg["data"]
+    num_classes = teacher_meta.get("num_classes")
+    for key in ("train", "test"):
+        s = sets.get(key)
+        if s is None:
+            continue
+        labels_max = int(s.labels.max()) + 1 if s.labels is not None and len(s.labels) else 0
+        if num_classes is None:
+            num_classes = s.num_classes or labels_max
+        if labels_max > num_classes:
+            raise RunError(f"the {key} set '{s.name}' has labels up to {labels_max - 1}, but the teacher has "
+                           f"{num_classes} classes: use the teacher's in-domain data set")
+        if teacher_meta and s.num_classes and s.num_classes != num_classes:
+            raise RunError(f"the teacher has {num_classes} classes but the {key} set '{s.name}' has "
+                           f"{s.num_classes}: give the data set the teacher was trained on")
+    if num_classes is None:
+        raise RunError("cannot tell the number of classes: give a teacher checkpoint or a labelled data.test")
+    for key in ("in_chans", "image_size"):
+        want = d["channels"] if key == "in_chans" else d["image_size"]
+        if key in teacher_meta and teacher_meta[key] != want:
+            name = "data.channels" if key == "in_chans" else "data.image_size"
+            raise RunError(f"the teacher was trained with {key}={teacher_meta[key]} but {name}={want}: "
+                           f"set {name}={teacher_meta[key]}")
+    if "mean" in teacher_meta:
+        mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
+    else:
+        ref = sets.get("train") or sets.get("test") or sets.get("ood")
+        mean, std = ref.mean, ref.std
+    return num_classes, mean, std
+
+
+def _atomic_save_state(accelerator, folder: Path, step: int, keep: int) -> None:
+    """Save the full training state to checkpoints/step_N atomically and prune old checkpoints."""
+    root = folder / "checkpoints"
+    tmp, final = root / f".tmp_step_{step:08d}", root / f"step_{step:08d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "DONE").write_text(str(step))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _save_grid(images: Tensor | None, path: Path) -> None:
+    """Write images in [0, 1] as a PNG grid."""
+    if images is None or len(images) == 0:
+        return
+    from torchvision.utils import save_image
+    save_image(images.float().clamp(0, 1).cpu(), str(path), nrow=int(math.ceil(math.sqrt(len(images)))))
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a request to checkpoint and stop at the end of the step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: dict) -> dict[str, Any]:
+    """Run one training job described by a resolved config; returns results.json's content."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    method_cls = get_method(cfg["method"])
+    needs = method_cls.stream_needs(cfg.get(cfg["method"], {}))
+    accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision=cfg["mixed_precision"])
+    main = accelerator.is_main_process
+    set_seed(cfg["seed"], device_specific=True)  # ranks differ: noise and augmentation are per process
+    folder = prepare_run_dir(cfg, accelerator)
+    device = accelerator.device
+
+    sets = _load_data(cfg, needs, accelerator)
+    teacher, teacher_meta = _teacher(cfg, sets, getattr(method_cls, "requires_teacher", True))
+    num_classes, mean, std = _check_task(cfg, sets, teacher_meta)
+    steps = cfg["steps"]
+    if cfg["epochs"] is not None and "train" in sets:
+        per_step = cfg["batch_size"] * needs["train"] * accelerator.num_processes
+        steps = max(1, math.ceil(cfg["epochs"] * len(sets["train"]) / per_step))
+    cfg = {**cfg, "steps": steps}
+    if main:
+        config_lib.dump(cfg, folder / "config.yaml")
+
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    if teacher is not None:
+        teacher = teacher.to(device, memory_format=memory_format)
+    s = cfg["student"]
+    student = create_model(s["arch"], num_classes=num_classes, in_chans=cfg["data"]["channels"])
+    if s["checkpoint"]:
+        load_state(student, s["checkpoint"])
+    student = student.to(device, memory_format=memory_format)
+    ctx = Context(cfg=cfg, opts=cfg.get(cfg["method"], {}), teacher=teacher, student=student,
+                  num_classes=num_classes, image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"],
+                  mean=torch.tensor(mean, device=device), std=torch.tensor(std, device=device), device=device,
+                  accelerator=accelerator, steps=steps, batch_size=cfg["batch_size"])
+    method = method_cls(ctx)
+
+    # Players: prepared by Accelerate (device placement, DDP, precision), each optimizer given the schedule.
+    schedulers = []
+    for name in method.players:
+        module = getattr(method, name)
+        if cfg["channels_last"]:
+            module = module.to(memory_format=torch.channels_last)
+        setattr(method, name, accelerator.prepare(module))
+        opt = getattr(method, f"{name}_opt", None)
+        if opt is not None:
+            schedulers.append(torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda i: lr_factor(i, steps, kind=cfg["schedule"], warmup=float(cfg["warmup"]))))
+            setattr(method, f"{name}_opt", accelerator.prepare(opt))
+    ctx.student = method.student if "student" in method.players else ctx.student
+
+    d = cfg["data"]
+    augment = Augment(image_size=d["image_size"], padding=d["crop_padding"], flip=d["flip"]).to(device)
+    streams = {key: Stream(sets[key].images.to(device), sets[key].labels.to(device) if key == "train" else None,
+                           seed=cfg["seed"], rank=accelerator.process_index, world_size=accelerator.num_processes,
+                           augment=augment)
+               for key in needs}
+    progress = Progress()
+    for obj in (progress, *schedulers, *streams.values(), method):
+        accelerator.register_for_checkpointing(obj)
+
+    resume_step = None
+    if cfg["resume"]:
+        found = checkpoints(folder)
+        if found:
+            accelerator.load_state(str(found[-1]))
+            resume_step = progress.step
+            if main:
+                print(f"resumed {folder} from step {resume_step}")
+        elif main:
+            print(f"resume=true but {folder} has no checkpoint: starting from step 0")
+    log = MetricLog(folder, enabled=main, resume_step=resume_step)
+    evaluator = Evaluator(sets["test"], ctx, batch_size=cfg["eval_batch_size"]) if "test" in sets else None
+
+    def due(every: int, step: int) -> bool:
+        return every > 0 and step % every == 0 and step != steps
+
+    sums: dict[str, Tensor] = {}
+    count, last_eval, t_start = 0, {}, time.time()
+    bar = tqdm(total=steps, initial=progress.step, disable=not (main and cfg["progress"]), desc=cfg["method"],
+               dynamic_ncols=True)
+    with _StopFlag() as stop:
+        while progress.step < steps:
+            batch: dict[str, Tensor] = {}
+            for key, n in needs.items():
+                x, y = streams[key].next(n * cfg["batch_size"])
+                batch[key] = x
+                if y is not None:
+                    batch[f"{key}_labels"] = y
+            with accelerator.autocast():
+                losses = method.step(batch, progress.step)
+            for sched in schedulers:
+                sched.step()
+            progress.step += 1
+            step = progress.step
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+            count += 1
+            bar.update(1)
+            if (cfg["log_every"] and step % cfg["log_every"] == 0) or step == steps:
+                values = {k: float(accelerator.reduce(v / count, reduction="mean").item()) for k, v in sums.items()}
+                if schedulers:
+                    values["lr"] = schedulers[0].get_last_lr()[0]
+                values["elapsed_s"] = round(time.time() - t_start, 3)
+                log.write(step, values)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:4]})
+                sums, count = {}, 0
+            if evaluator is not None and due(cfg["eval_every"], step):
+                last_eval = evaluator(method.eval_model())
+                log.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+            if main and due(cfg["sample_every"], step):
+                _save_grid(method.sample_images(64), folder / "samples" / f"step_{step:08d}.png")
+            if due(cfg["ckpt_every"], step) or stop.requested:
+                _atomic_save_state(accelerator, folder, step, cfg["keep_ckpts"])
+            if stop.requested:
+                bar.close()
+                log.close()
+                raise SystemExit(f"stopped by signal at step {step}; checkpoint saved, resume with resume=true")
+    bar.close()
+
+    # End of run: final evaluation, checkpoint, model, samples and results.
+    wall = time.time() - t_start
+    if evaluator is not None:
+        last_eval = evaluator(method.eval_model())
+        log.write(steps, {f"eval/{k}": v for k, v in last_eval.items()})
+    if not checkpoints(folder) or checkpoints(folder)[-1].name != f"step_{steps:08d}":
+        _atomic_save_state(accelerator, folder, steps, cfg["keep_ckpts"])
+    last_losses = {}
+    if main and (folder / "metrics.jsonl").exists():
+        for line in (folder / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            last_losses.update({k: v for k, v in rec.items() if not k.startswith("eval/") and k != "step"})
+    results = {
+        "method": cfg["method"], "student": s["arch"], "teacher": teacher_meta.get("arch"),
+        "steps": steps, "wall_s": round(wall, 2), "device": _device_name(device),
+        "processes": accelerator.num_processes, **last_eval, "final_losses": last_losses, **method.results(),
+    }
+    if main:
+        model = accelerator.unwrap_model(method.eval_model())
+        meta = {"arch": s["arch"], "num_classes": num_classes, "in_chans": d["channels"],
+                "image_size": d["image_size"], "mean": list(mean), "std": list(std),
+                "classes": (sets.get("train") or sets.get("test")).classes if ("train" in sets or "test" in sets) else None,
+                "top1": last_eval.get("student_top1")}
+        save_model(model, folder / "model.safetensors", meta=meta)
+        _save_grid(method.sample_images(64), folder / "samples" / "final.png")
+        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _device_name(device: torch.device) -> str:
+    """A readable device name for results tables."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def evaluate(model_path: str, cfg: dict) -> dict[str, Any]:
+    """Top-1 of a saved model on cfg's test set, and agreement with cfg's teacher when given."""
+    from accelerate import Accelerator
+
+    if not cfg["data"]["test"]:
+        raise RunError("nothing to evaluate on: set data.test=<labelled data set>")
+    accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision=cfg["mixed_precision"])
+    model, meta = load_classifier(model_path)
+    d = cfg["data"]
+    test = load_image_set(d["test"], split="test", image_size=meta.get("image_size", d["image_size"]),
+                          channels=meta.get("in_chans", d["channels"]), root=d["root"], download=d["download"],
+                          limit=d["test_limit"], labelled=True, on_corrupt=d["on_corrupt"], cache=d["cache"],
+                          seed=cfg["seed"])
+    teacher, teacher_meta = (None, {})
+    if cfg["teacher"]["checkpoint"]:
+        teacher, teacher_meta = _teacher(cfg, {"test": test}, True)
+    _check_task(cfg | {"data": {**d, "image_size": meta.get("image_size", d["image_size"]),
+                                "channels": meta.get("in_chans", d["channels"])}}, {"test": test}, meta)
+    device = accelerator.device
+    mean, std = meta.get("mean", test.mean), meta.get("std", test.std)
+    ctx = Context(cfg=cfg, opts={}, teacher=teacher.to(device) if teacher is not None else None, student=model,
+                  num_classes=meta["num_classes"], image_size=test.images.shape[-1], channels=test.images.shape[1],
+                  mean=torch.tensor(mean, device=device), std=torch.tensor(std, device=device), device=device,
+                  accelerator=accelerator, steps=0, batch_size=cfg["eval_batch_size"])
+    scores = Evaluator(test, ctx, batch_size=cfg["eval_batch_size"])(model.to(device))
+    return {"model": str(model_path), "arch": meta.get("arch"), "test": test.name, "images": len(test), **scores}

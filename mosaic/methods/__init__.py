@@ -1,0 +1,174 @@
+"""Methods and their registry.
+
+A method owns its players and its training step; the engine (mosaic.engine) owns
+everything else. The contract a new method implements:
+
+    @register_method("mymethod")
+    class MyMethod(Method):
+        defaults = {"lr": 1e-3}        # options, set as `mymethod.lr=...` in the config
+        needs = {"ood": 1}             # images per step from each stream, in units of batch_size:
+                                       #   "train" (labelled in-domain) -> batch["train"], batch["train_labels"]
+                                       #   "ood" (unlabelled pool)      -> batch["ood"]
+        players = ("student",)         # attributes the engine prepares (devices, DDP, precision,
+                                       #   checkpoints); each may have an optimizer attribute
+                                       #   "<player>_opt"; the engine gives every optimizer the
+                                       #   run's LR schedule
+        def __init__(self, ctx: Context): ...   # build players and optimizers from ctx
+        def step(self, batch, step):          # one training step; returns {"loss_name": tensor}
+            ...
+
+Images in `batch` are float in [0, 1], already augmented on the device; the method
+normalises them with `ctx.normalize` before a classifier sees them. A step must not
+call `.item()`: the engine turns losses into numbers only when it logs. Extra state
+that must survive a resume (a synthetic image pool, say) goes in `state_dict` /
+`load_state_dict`. Methods in other packages register through the
+`mosaic_kd.methods` entry point group (see pyproject.toml).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from mosaic.config import ConfigError
+
+
+@dataclass
+class Context:
+    """What the engine hands a method: config, networks, task shape and device."""
+    cfg: dict                       # the full resolved config
+    opts: dict                      # this method's section of the config
+    teacher: nn.Module | None       # frozen, on the device (None when training a teacher)
+    student: nn.Module              # fresh (or initialised) student on the device, not yet prepared
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: Tensor                    # in-domain normalisation, shape (C,), on the device
+    std: Tensor
+    device: torch.device
+    accelerator: Any                # accelerate.Accelerator
+    steps: int                      # total training steps of the run
+    batch_size: int                 # per process
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Map [0, 1] images to the in-domain normalised space the classifiers expect."""
+        mean = self.mean.to(x.dtype).view(1, -1, 1, 1)
+        std = self.std.to(x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+class Method:
+    """Base class of a method: players, optimizers and one `step`; see the module docstring."""
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict] = {}
+    needs: ClassVar[dict[str, int]] = {}
+    players: ClassVar[tuple[str, ...]] = ("student",)
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.opts = ctx.opts
+        self.teacher = ctx.teacher
+        self.student = ctx.student
+        self.accelerator = ctx.accelerator
+
+    @classmethod
+    def stream_needs(cls, opts: dict) -> dict[str, int]:
+        """Images per step from each data stream, in batches; override when options change it."""
+        return dict(cls.needs)
+
+    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Run one training step and return its scalar losses (tensors, no host sync)."""
+        raise NotImplementedError
+
+    def eval_model(self) -> nn.Module:
+        """The network evaluated on the test set and saved at the end (the student)."""
+        return self.student
+
+    @torch.no_grad()
+    def sample_images(self, n: int) -> Tensor | None:
+        """Up to n images in [0, 1] for the run's sample grid, or None (no synthesiser)."""
+        return None
+
+    def results(self) -> dict:
+        """Extra entries for results.json."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Method state beyond players and optimizers that a resume needs."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
+    def backward(self, loss: Tensor) -> None:
+        """Backward through Accelerate (gradient scaling under fp16)."""
+        self.accelerator.backward(loss)
+
+
+@contextlib.contextmanager
+def no_param_grad(*modules: nn.Module) -> Iterator[None]:
+    """Let gradients flow through `modules` to their inputs without computing their parameter grads."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+_METHODS: dict[str, type[Method]] = {}
+_PLUGINS_LOADED = False
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator that makes a method available as `method=<name>`."""
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method '{name}' is registered twice ({_METHODS[name].__module__} and {cls.__module__})")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+    return deco
+
+
+def _load_plugins() -> None:
+    """Import the built-in methods and every `mosaic_kd.methods` entry point once."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from mosaic.methods import mosaic_kd, supervised  # noqa: F401  (registration side effect)
+    try:
+        import baselines  # noqa: F401  (the project's own baselines, also without installation)
+    except ImportError:
+        pass
+    for ep in metadata.entry_points(group="mosaic_kd.methods"):
+        ep.load()
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods."""
+    _load_plugins()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    """Look a method up by name; unknown names get close matches."""
+    _load_plugins()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(str(name), list(_METHODS), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown method '{name}'{hint} (known: {', '.join(sorted(_METHODS))})")
+    return _METHODS[name]
+
+
+def method_defaults(name: str) -> dict:
+    """The option defaults of a method (its config section)."""
+    return dict(get_method(name).defaults)

@@ -1,0 +1,148 @@
+"""MosaicKD (Fang et al., "Mosaicking to Distill: Knowledge Distillation from Out-of-Domain Data", NeurIPS 2021).
+
+Four players: a generator G, a patch discriminator D shown random local crops of real
+OOD images and of G's images, the frozen teacher T and the student S. One outer
+iteration = 1 D step, 1 G step, then `student_steps` S steps:
+
+    L_D = local * BCE(D(crops(ood)) -> 1, D(crops(G(z))) -> 0)
+    L_G = local * BCE(D(crops(G(z))) -> 1)          # mosaic: OOD local patterns
+        + align * mean_i H(T(G(z_i)))                # label-space alignment: confident teacher
+        + balance * sum_c pbar_c log2 pbar_c         # balanced classes (reference code uses log2)
+        - adv * KL(T(G(z)) || S(G(z)))               # DRO: seek images where T and S disagree
+    L_S = T^2 * KL(T(x)/T || S(x)/T),  x = G(z) and OOD images
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import kornia.augmentation as K
+import torch
+from einops import repeat
+from torch import Tensor
+
+from mosaic.config import ConfigError
+from mosaic.losses import balance_loss, entropy, kd_loss, patch_gan_loss
+from mosaic.methods import Context, Method, no_param_grad, register_method
+from mosaic.methods.supervised import sgd
+from mosaic.players import Generator, PatchDiscriminator
+
+
+@register_method("mosaic")
+class MosaicKD(Method):
+    """Out-of-domain distillation by mosaicking OOD patches into in-domain-looking images."""
+    defaults = {
+        "nz": 100,              # noise dimension
+        "ngf": 64,              # generator width
+        "ndf": 128,             # discriminator width
+        "patch_size": 16,       # side of the random crops the discriminator sees (pixels; <= image size)
+        "patches": 2,           # crops per image for the discriminator
+        "lambda_local": 1.0,    # patch GAN term (D and G)
+        "lambda_align": 1.0,    # teacher entropy on generated images
+        "lambda_balance": 10.0, # class balance of the teacher's mean prediction
+        "lambda_adv": 1.0,      # adversarial (DRO) term
+        "student_steps": 5,     # student steps per outer iteration
+        "temperature": 1.0,     # KD temperature of the student loss
+        "lr_g": 1e-3,           # Adam learning rate of G and D
+        "betas": [0.5, 0.999],  # Adam betas of G and D
+        "synthetic_batch": None,  # generated images per step (null: batch_size)
+    }
+    players = ("generator", "discriminator", "student")
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        o = self.opts
+        if ctx.image_size % 4 or ctx.image_size < 8:
+            raise ConfigError(f"the MosaicKD generator makes images whose side is a multiple of 4 (>= 8); "
+                              f"data.image_size={ctx.image_size} cannot be produced")
+        if not 4 <= o["patch_size"] <= ctx.image_size:
+            raise ConfigError(f"mosaic.patch_size={o['patch_size']} must lie in [4, {ctx.image_size}] "
+                             f"(the image size)")
+        if o["student_steps"] < 1 or o["patches"] < 1:
+            raise ConfigError("mosaic.student_steps and mosaic.patches must be >= 1")
+        self.generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size,
+                                   channels=ctx.channels).to(ctx.device)
+        self.discriminator = PatchDiscriminator(channels=ctx.channels, ndf=o["ndf"]).to(ctx.device)
+        betas = tuple(o["betas"])
+        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=o["lr_g"], betas=betas, foreach=True)
+        self.discriminator_opt = torch.optim.Adam(self.discriminator.parameters(), lr=o["lr_g"], betas=betas,
+                                                  foreach=True)
+        self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
+        self.crop = K.RandomCrop((o["patch_size"], o["patch_size"]))
+        self.synthetic_batch = o["synthetic_batch"] or ctx.batch_size
+
+    @classmethod
+    def stream_needs(cls, opts: dict) -> dict[str, int]:
+        """One OOD batch for the discriminator plus one per student step."""
+        return {"ood": 1 + opts["student_steps"]}
+
+    def crops(self, images: Tensor) -> Tensor:
+        """`patches` random patch_size crops of every image, stacked along the batch."""
+        return self.crop(repeat(images, "b c h w -> (n b) c h w", n=self.opts["patches"]))
+
+    def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
+        """The four generator terms (unweighted) for generated images in [0, 1]."""
+        x = self.ctx.normalize(fake)
+        t_logits = self.teacher(x)
+        s_logits = self.student(x)
+        return {
+            "g_local": patch_gan_loss(self.discriminator(self.crops(fake)), real=True),
+            "g_align": entropy(t_logits),
+            "g_balance": balance_loss(t_logits) / math.log(2.0),
+            "g_adv": -kd_loss(s_logits, t_logits),
+        }
+
+    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        o, B = self.opts, self.ctx.batch_size
+        ood = batch["ood"].split(B)
+        G, D, S = self.generator, self.discriminator, self.student
+
+        # 1. Patch discrimination: real OOD crops -> 1, generated crops -> 0.
+        fake = self._generate(self.synthetic_batch)
+        d_real = D(self.crops(ood[0]))
+        d_fake = D(self.crops(fake.detach()))
+        loss_d = o["lambda_local"] * 0.5 * (patch_gan_loss(d_real, real=True) + patch_gan_loss(d_fake, real=False))
+        self.discriminator_opt.zero_grad(set_to_none=True)
+        self.backward(loss_d)
+        self.discriminator_opt.step()
+
+        # 2. Generation: mosaic OOD patches into images the teacher finds in-domain and the student gets wrong.
+        with no_param_grad(D, S):
+            g = self.generator_losses(fake)
+            loss_g = (o["lambda_local"] * g["g_local"] + o["lambda_align"] * g["g_align"]
+                      + o["lambda_balance"] * g["g_balance"] + o["lambda_adv"] * g["g_adv"])
+        self.generator_opt.zero_grad(set_to_none=True)
+        self.backward(loss_g)
+        self.generator_opt.step()
+
+        # 3. Distillation on fresh generated images plus OOD images.
+        for k in range(o["student_steps"]):
+            with torch.no_grad():
+                gen = self._generate(self.synthetic_batch)
+                x = self.ctx.normalize(torch.cat([gen, ood[1 + k]]))
+                t_logits = self.teacher(x)
+            loss_s = kd_loss(S(x), t_logits, temperature=o["temperature"])
+            self.student_opt.zero_grad(set_to_none=True)
+            self.backward(loss_s)
+            self.student_opt.step()
+
+        out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "loss_s": loss_s.detach()}
+        out.update({k: v.detach() for k, v in g.items()})
+        return out
+
+    def _generate(self, n: int) -> Tensor:
+        """n generated images in [0, 1] from fresh noise."""
+        return self.generator(torch.randn(n, self.opts["nz"], device=self.ctx.device))
+
+    @torch.no_grad()
+    def sample_images(self, n: int) -> Tensor:
+        """n images from fixed noise (comparable across steps), sorted by the teacher's predicted class.
+
+        A copy of the generator makes them, so neither its BatchNorm statistics nor the
+        training random stream are touched.
+        """
+        G = copy.deepcopy(self.accelerator.unwrap_model(self.generator))
+        z = torch.randn(n, self.opts["nz"], generator=torch.Generator().manual_seed(0)).to(self.ctx.device)
+        images = G(z).float()
+        pred = self.teacher(self.ctx.normalize(images)).argmax(1)
+        return images[torch.argsort(pred, stable=True)]

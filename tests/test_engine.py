@@ -1,0 +1,114 @@
+"""The engine: run-folder contract, refusal to clobber, resume equality, schedules, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import base_overrides
+from mosaic.cli import TEACHER_BASE, _resolve, main
+from mosaic.engine import RunError, checkpoints, lr_factor, train
+
+
+def cfg_for(task, out, base=None, **extra):
+    return _resolve(base_overrides(task, out, **extra), base)
+
+
+def test_teacher_run_folder_contract(tiny_teacher):
+    folder = tiny_teacher.parent
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "model.safetensors", "model.json"):
+        assert (folder / name).is_file(), name
+    assert checkpoints(folder), "a final checkpoint is written"
+    results = json.loads((folder / "results.json").read_text())
+    assert results["method"] == "supervised" and results["steps"] == 40
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines if "loss" in x]
+    assert steps == list(range(1, 41))
+    assert any("eval/student_top1" in x for x in lines)
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["arch"] == "cnn_tiny" and meta["num_classes"] == 3 and meta["image_size"] == 16
+
+
+def test_existing_run_folder_is_refused_then_overwritten(tiny_task, tmp_path):
+    cfg = cfg_for(tiny_task, tmp_path, TEACHER_BASE, name="r", steps=2, epochs="null", **{"student.arch": "cnn_tiny"})
+    train(cfg)
+    before = (tmp_path / "r" / "results.json").read_text()
+    with pytest.raises(RunError, match="already exists.*resume=true.*overwrite=true"):
+        train(cfg)
+    assert (tmp_path / "r" / "results.json").read_text() == before  # nothing written over
+    train({**cfg, "overwrite": True})
+
+
+def test_resume_matches_uninterrupted_run(tiny_task, tiny_teacher, tmp_path, monkeypatch):
+    common = dict(method="mosaic", teacher=str(tiny_teacher), steps=6, ckpt_every=3,
+                  **{"student.arch": "cnn_tiny", "mosaic.patch_size": 8, "mosaic.student_steps": 2,
+                     "mosaic.ngf": 8, "mosaic.ndf": 8})
+    full = train(cfg_for(tiny_task, tmp_path, name="full", **common))
+
+    from mosaic.methods.mosaic_kd import MosaicKD
+    real_step = MosaicKD.step
+
+    def dying_step(self, batch, step):
+        if step == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, batch, step)
+
+    monkeypatch.setattr(MosaicKD, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_task, tmp_path, name="killed", **common))
+    monkeypatch.setattr(MosaicKD, "step", real_step)
+    assert [p.name for p in checkpoints(tmp_path / "killed")] == ["step_00000003"]
+    resumed = train(cfg_for(tiny_task, tmp_path, name="killed", resume=True, **common))
+
+    assert resumed["final_losses"] == full["final_losses"]
+    assert resumed["student_top1"] == full["student_top1"]
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+               if "loss_s" in x]
+    assert metrics == [1, 2, 3, 4, 5, 6]  # no duplicated or missing lines after the resume
+
+
+def test_lr_schedules():
+    assert lr_factor(0, 100, kind="cosine", warmup=0.0) == pytest.approx(1.0)
+    assert lr_factor(50, 100, kind="cosine", warmup=0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, kind="cosine", warmup=0.0) == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor(0, 100, kind="onecycle", warmup=0.0) == pytest.approx(1 / 15)
+    assert lr_factor(14, 100, kind="onecycle", warmup=0.0) == pytest.approx(1.0)
+    assert lr_factor(15 + 85 // 2, 100, kind="onecycle", warmup=0.0) == pytest.approx(1 - 42 / 85)
+    assert lr_factor(70, 100, kind="constant", warmup=0.0) == 1.0
+
+
+def test_distill_without_teacher_is_a_clear_error(tiny_task, tmp_path, capsys):
+    code = main(["distill", *base_overrides(tiny_task, tmp_path, steps=1)])
+    assert code == 2
+    assert "pass teacher=<checkpoint>" in capsys.readouterr().err
+
+
+def test_teacher_class_count_mismatch(tiny_task, tiny_teacher, tmp_path, capsys):
+    from conftest import make_task
+    other = make_task(tmp_path / "four", classes=4, train=2, test=2, ood=2)
+    code = main(["distill", *base_overrides(tiny_task, tmp_path, steps=1, teacher=str(tiny_teacher),
+                                             **{"data.test": str(other["task"])})])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "3 classes" in err and "labels up to 3" in err
+
+
+def test_teacher_for_other_architecture(tiny_task, tiny_teacher, tmp_path, capsys):
+    code = main(["distill", *base_overrides(tiny_task, tmp_path, steps=1, teacher=str(tiny_teacher),
+                                             **{"teacher.arch": "wrn16_1"})])
+    assert code == 2
+    assert "cnn_tiny" in capsys.readouterr().err
+
+
+def test_evaluate_command(tiny_task, tiny_teacher, tmp_path, capsys):
+    code = main(["evaluate", str(tiny_teacher), f"data.test={tiny_task['task']}", "data.image_size=16", "cpu=true"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    results = json.loads((tiny_teacher.parent / "results.json").read_text())
+    assert out["student_top1"] == pytest.approx(results["student_top1"])
+    assert out["images"] == 36
