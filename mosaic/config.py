@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "train_limit": None,    # keep this many training images (class-balanced)
         "test_limit": None,     # keep this many test images (class-balanced)
         "ood_limit": None,      # keep this many OOD images (random subset)
+        "ood_select": None,     # keep the N OOD images with the highest teacher entropy (cached per teacher+pool)
         "on_corrupt": "warn",   # unreadable image: warn (skip it) | error
         "cache": True,          # cache decoded images as uint8 tensors
         "crop_padding": 4,      # random-crop padding of the in-device augmentation (0: none)
@@ -183,7 +184,7 @@ def validate(cfg: Mapping) -> None:
     positive("data.image_size", data["image_size"])
     if data["channels"] not in (1, 3):
         raise ConfigError(f"'data.channels' must be 1 or 3, got {data['channels']!r}")
-    for key in ("train_limit", "test_limit", "ood_limit"):
+    for key in ("train_limit", "test_limit", "ood_limit", "ood_select"):
         positive(f"data.{key}", data[key], allow_none=True)
     if data["on_corrupt"] not in ("warn", "error"):
         raise ConfigError(f"'data.on_corrupt' must be warn or error, got {data['on_corrupt']!r}")

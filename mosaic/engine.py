@@ -275,6 +275,41 @@ def _check_task(cfg: dict, sets: dict[str, ImageSet], teacher_meta: dict) -> tup
     return num_classes, mean, std
 
 
+def select_ood(ood: ImageSet, ctx: Context, *, keep: int, teacher_file: str | None,
+               batch_size: int = 512) -> ImageSet:
+    """Keep the `keep` OOD images on which the teacher is least sure (highest entropy), as MosaicKD does.
+
+    The chosen indices are cached per (teacher file, pool, size) under $MOSAIC_CACHE/ood_select.
+    """
+    import hashlib
+
+    from mosaic.data import cache_dir
+
+    if keep >= len(ood):
+        return ood
+    key = hashlib.sha256()
+    if teacher_file:
+        st = Path(teacher_file).stat()
+        key.update(f"{Path(teacher_file).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    key.update(f"{ood.name}:{len(ood)}:{tuple(ood.images.shape)}:{keep}".encode())
+    key.update(ood.images[:: max(1, len(ood) // 64)].numpy().tobytes())
+    path = cache_dir() / "ood_select" / f"{key.hexdigest()[:24]}.pt"
+    if path.is_file():
+        index = torch.load(path)
+    else:
+        logits = predict(ctx.teacher, ood.images.to(ctx.device), ctx, batch_size=batch_size)
+        log_p = torch.log_softmax(logits, dim=1)
+        ent = -(log_p.exp() * log_p).sum(1)
+        index = torch.argsort(ent, descending=True)[:keep].sort().values.cpu()
+        if ctx.accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(index, tmp)
+            os.replace(tmp, path)
+    return ImageSet(images=ood.images[index], labels=None, classes=None, name=f"{ood.name}, top-{keep} entropy",
+                    mean=ood.mean, std=ood.std)
+
+
 def _atomic_save_state(accelerator, folder: Path, step: int, keep: int) -> None:
     """Save the full training state to checkpoints/step_N atomically and prune old checkpoints."""
     root = folder / "checkpoints"
@@ -379,6 +414,9 @@ def train(cfg: dict) -> dict[str, Any]:
     ctx.student = method.student if "student" in method.players else ctx.student
 
     d = cfg["data"]
+    if "ood" in sets and d["ood_select"] and teacher is not None:
+        sets["ood"] = select_ood(sets["ood"], ctx, keep=d["ood_select"], teacher_file=cfg["teacher"]["checkpoint"],
+                                 batch_size=cfg["eval_batch_size"])
     augment = Augment(image_size=d["image_size"], padding=d["crop_padding"], flip=d["flip"]).to(device)
     streams = {key: Stream(sets[key].images.to(device), sets[key].labels.to(device) if key == "train" else None,
                            seed=cfg["seed"], rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -458,7 +496,7 @@ def train(cfg: dict) -> dict[str, Any]:
     if main and (folder / "metrics.jsonl").exists():
         for line in (folder / "metrics.jsonl").read_text().splitlines():
             rec = json.loads(line)
-            last_losses.update({k: v for k, v in rec.items() if not k.startswith("eval/") and k != "step"})
+            last_losses.update({k: v for k, v in rec.items() if not k.startswith("eval/") and k not in ("step", "elapsed_s")})
     results = {
         "method": cfg["method"], "student": s["arch"], "teacher": teacher_meta.get("arch"),
         "steps": steps, "wall_s": round(wall, 2), "device": _device_name(device),

@@ -1,0 +1,82 @@
+"""On-device image helpers: uint8 -> float, per-channel normalisation, and crop + flip augmentation (kornia)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["to_float", "normalize", "Augment"]
+
+PADDING_MODES = ("constant", "reflect", "replicate")
+
+
+def to_float(images: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Turn uint8 images into floats in [0, 1] (dtype=float32 by default); float input is only cast."""
+    if images.dtype == torch.uint8:
+        return images.to(dtype).div_(255)
+    if not images.is_floating_point():
+        raise ValueError(f"to_float expects uint8 or float images, got {images.dtype}; convert them first")
+    return images.to(dtype)
+
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Return (x - mean) / std per channel for (C, H, W) or (N, C, H, W) floats, on x's device and dtype."""
+    if x.ndim not in (3, 4) or not x.is_floating_point():
+        raise ValueError(f"normalize expects float images (C, H, W) or (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+    channels = x.shape[-3]
+    if len(mean) != channels or len(std) != channels:
+        got = f"{len(mean)} means / {len(std)} stds"
+        raise ValueError(f"normalize got {got} for {channels} channels; give one per channel")
+    shape = (channels, 1, 1)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return (x - m) / s
+
+
+class Augment(nn.Module):
+    """Random crop with padding + horizontal flip on the device, via kornia; uint8 or float [0,1] in, float [0,1] out.
+
+    Options (keyword-only):
+      image_size: output side length (square crops).
+      padding=4: pixels padded on every side before the random crop; 0 disables the crop.
+      flip=True: flip each image horizontally with probability 0.5.
+      padding_mode="constant": zero (black) padding, as torchvision's RandomCrop(32, padding=4) used for
+        CIFAR; "reflect" or "replicate" are the alternatives.
+    Random draws come from torch's global generator, so `torch.manual_seed` makes it reproducible.
+    """
+
+    def __init__(self, *, image_size: int, padding: int = 4, flip: bool = True, padding_mode: str = "constant") -> None:
+        super().__init__()
+        import kornia.augmentation as K
+
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"Augment image_size must be a positive integer, got {image_size!r}")
+        if not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"Augment padding must be a non-negative integer, got {padding!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"Augment padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
+        self.image_size, self.padding, self.flip, self.padding_mode = image_size, padding, flip, padding_mode
+        steps: list[nn.Module] = []
+        if padding > 0:
+            steps.append(K.RandomCrop((image_size, image_size), padding=padding, padding_mode=padding_mode, p=1.0))
+        if flip:
+            steps.append(K.RandomHorizontalFlip(p=0.5))
+        self.steps = nn.Sequential(*steps)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Augment a batch (N, C, H, W) of uint8 or [0, 1] float images; returns float [0, 1]."""
+        if images.ndim != 4:
+            raise ValueError(f"Augment expects a batch (N, C, H, W), got shape {tuple(images.shape)}")
+        size, shape = self.image_size, tuple(images.shape[-2:])
+        if min(shape) + 2 * self.padding < size or (self.padding == 0 and shape != (size, size)):
+            raise ValueError(f"Augment(image_size={size}, padding={self.padding}) got {shape} images; resize them to {size}")
+        x = to_float(images) if images.dtype == torch.uint8 else images
+        if len(self.steps) == 0 or x.shape[0] == 0:
+            return x
+        return self.steps(x)
+
+    def extra_repr(self) -> str:
+        options = f"image_size={self.image_size}, padding={self.padding}, flip={self.flip}"
+        return f"{options}, padding_mode={self.padding_mode!r}"
