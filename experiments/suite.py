@@ -6,7 +6,9 @@
 
 A suite is a YAML file in experiments/suites/: `teacher` (overrides for `mosaic
 train-teacher`), `common` (overrides for every distillation run) and `methods`
-(name -> overrides). The teacher run is reused when its model already exists.
+(name -> overrides; `label` renames a row, so one method can appear twice). The
+teacher run (`teacher_run`, default `<suite>-teacher`) is reused when its model
+already exists, so suites with the same teacher section can share it.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 COLUMNS = ["method", "student_top1", "agreement", "teacher_top1", "steps", "wall_s", "device", "student", "teacher"]
 
 
-def _items(d: dict) -> list[str]:
+def as_overrides(d: dict) -> list[str]:
+    """A dict of config keys -> values as key=value override strings."""
     return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else ('null' if v is None else v)}"
             for k, v in d.items()]
 
@@ -45,10 +48,10 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
     data = dict(spec.get("data", {}))
     if not offline_data():  # with internet: torchvision CIFAR-10 in-domain, CIFAR-100 as OOD
         data.update({"data.ood": "cifar100", "data.download": True})
-    teacher_dir = out_dir / f"{name}-teacher"
+    teacher_dir = out_dir / spec.get("teacher_run", f"{name}-teacher")  # suites may share a teacher
     if not (teacher_dir / "model.safetensors").exists():
         t0 = time.time()
-        cfg = _resolve(_items({**data, **spec["teacher"], "out_dir": str(out_dir), "name": teacher_dir.name,
+        cfg = _resolve(as_overrides({**data, **spec["teacher"], "out_dir": str(out_dir), "name": teacher_dir.name,
                                "overwrite": True}), TEACHER_BASE)
         train(cfg)
         print(f"[suite] teacher trained in {time.time() - t0:.0f}s", flush=True)
@@ -60,8 +63,8 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
         items = {**data, **spec.get("common", {}), "method": method, **(overrides or {}),
                  "teacher": str(teacher_dir / "model.safetensors"), "out_dir": str(out_dir),
                  "name": f"{name}-{label}", "overwrite": True}
-        print(f"[suite] {label}: {' '.join(_items(items))}", flush=True)
-        res = train(_resolve(_items(items)))
+        print(f"[suite] {label}: {' '.join(as_overrides(items))}", flush=True)
+        res = train(_resolve(as_overrides(items)))
         rows.append({"method": label, **{k: res.get(k) for k in COLUMNS if k != "method"}})
         rows[-1]["wall_s"] = round(res["wall_s"], 1)
     if results_dir is not None:

@@ -81,12 +81,17 @@ class MosaicKD(Method):
         return self.crop(repeat(images, "b c h w -> (n b) c h w", n=self.opts["patches"]))
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
-        """The four generator terms (unweighted) for generated images in [0, 1]."""
+        """The four generator terms (unweighted) for generated images in [0, 1].
+
+        Student and discriminator run unwrapped here: they only pass gradients to the
+        generator, so a distributed wrapper must not wait for their parameter gradients.
+        """
+        student, disc = self.accelerator.unwrap_model(self.student), self.accelerator.unwrap_model(self.discriminator)
         x = self.ctx.normalize(fake)
         t_logits = self.teacher(x)
-        s_logits = self.student(x)
+        s_logits = student(x)
         return {
-            "g_local": patch_gan_loss(self.discriminator(self.crops(fake)), real=True),
+            "g_local": patch_gan_loss(disc(self.crops(fake)), real=True),
             "g_align": entropy(t_logits),
             "g_balance": balance_loss(t_logits) / math.log(2.0),
             "g_adv": -kd_loss(s_logits, t_logits),

@@ -1,0 +1,95 @@
+"""What the classic KD baselines share: the data stream option, inputs, one optimiser update, test-set top-1."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from mosaic.config import ConfigError
+from mosaic.methods import Context, Method
+
+STREAMS = ("train", "ood")
+
+
+def check_stream(method: str, stream: str) -> str:
+    """The `<method>.stream` option: "train" (labelled in-domain) or "ood" (unlabelled pool, label-free)."""
+    if stream not in STREAMS:
+        raise ConfigError(f"{method}.stream must be one of {', '.join(STREAMS)}, got {stream!r}")
+    return stream
+
+
+def check_fraction(method: str, key: str, value: float) -> None:
+    """Reject a weight that must lie in [0, 1], naming the option."""
+    if not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"{method}.{key} must lie in [0, 1], got {value!r}")
+
+
+class StreamMethod(Method):
+    """Base of the baselines that train on one image stream: labelled in-domain by default, OOD on request."""
+    needs = {"train": 1}
+
+    @classmethod
+    def stream_needs(cls, opts: dict) -> dict[str, int]:
+        """One batch per step from the chosen stream (`stream`: train | ood)."""
+        return {check_stream(cls.name, opts.get("stream", "train")): 1}
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.stream = check_stream(self.name, self.opts.get("stream", "train"))
+
+    def inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Normalised images of the chosen stream and their labels (None for the unlabelled OOD pool)."""
+        return self.ctx.normalize(batch[self.stream]), batch.get(f"{self.stream}_labels")
+
+    def update(self, loss: Tensor, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Zero the optimisers' gradients, back-propagate `loss` and step them all."""
+        optimizers = list(optimizers)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.backward(loss)
+        for opt in optimizers:
+            opt.step()
+
+
+def load_test_set(ctx: Context):
+    """The run's labelled test set (data.test) as the engine loads it, or None when there is none."""
+    from mosaic.data import load_image_set
+
+    d = ctx.cfg["data"]
+    if not d["test"]:
+        return None
+    return load_image_set(d["test"], split="test", image_size=d["image_size"], channels=d["channels"],
+                          root=d["root"], download=d["download"], limit=d["test_limit"], labelled=True,
+                          on_corrupt=d["on_corrupt"], cache=d["cache"], seed=ctx.cfg["seed"])
+
+
+@torch.no_grad()
+def test_top1(ctx: Context, models: dict[str, nn.Module], *, ensemble: str | None = "ensemble_top1") -> dict:
+    """Top-1 of each model on the test set, plus that of their softmax-averaged ensemble under `ensemble`.
+
+    The test set is sharded over processes like the engine's evaluator; {} when data.test is unset.
+    """
+    from mosaic.engine import predict
+
+    test = load_test_set(ctx)
+    if test is None or not models:
+        return {}
+    acc = ctx.accelerator
+    images = test.images[acc.process_index::acc.num_processes].to(ctx.device)
+    labels = test.labels[acc.process_index::acc.num_processes].to(ctx.device)
+    batch_size = ctx.cfg["eval_batch_size"]
+
+    def fraction(pred: Tensor) -> float:
+        count = (pred == labels).sum().float()
+        return float(acc.reduce(count, reduction="sum").item()) / len(test)
+
+    out, mean_probs = {}, None
+    for name, model in models.items():
+        logits = predict(model, images, ctx, batch_size=batch_size)
+        out[name] = fraction(logits.argmax(1))
+        probs = logits.softmax(1) / len(models)
+        mean_probs = probs if mean_probs is None else mean_probs + probs
+    if ensemble is not None and len(models) > 1:
+        out[ensemble] = fraction(mean_probs.argmax(1))
+    return out

@@ -1,0 +1,412 @@
+"""Data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion): losses by hand, adversarial gradients, engine runs."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from baselines.datafree_common import BNStatHooks
+from baselines.datafree_losses import (activation_loss, attention_loss, attention_map, batch_stats, bn_stat_distance,
+                                       bn_stat_loss, competition_loss, elementwise_kl, image_l2,
+                                       information_entropy_loss, js_divergence, logit_l1, onehot_loss,
+                                       total_variation_l1, total_variation_l2)
+from baselines.deepinversion import DeepInversion
+from baselines.zskt import pair_layers
+from conftest import base_overrides
+from mosaic.config import ConfigError, resolve
+from mosaic.methods import Context, get_method, method_defaults
+from mosaic.models import create_model, freeze
+
+B, SIZE, CLASSES = 4, 16, 3
+SMALL = {"nz": 16, "ngf": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors run fastest on one thread (a shared, loaded CPU makes a thread pool crawl); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def approx(x: float):
+    return pytest.approx(x, rel=1e-5, abs=1e-6)
+
+
+def make(name: str, seed: int = 0, **opts):
+    """A method on CPU with a tiny random cnn_tiny teacher and student, outside the engine."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(seed)
+    cfg = resolve(overrides=[f"method={name}", *(f"{name}.{k}={json.dumps(v)}" for k, v in opts.items())],
+                  method_defaults=method_defaults)
+    teacher = freeze(create_model("cnn_tiny", num_classes=CLASSES))
+    student = create_model("cnn_tiny", num_classes=CLASSES)
+    ctx = Context(cfg=cfg, opts=cfg[name], teacher=teacher, student=student, num_classes=CLASSES, image_size=SIZE,
+                  channels=3, mean=torch.tensor([0.5, 0.4, 0.3]), std=torch.tensor([0.2, 0.25, 0.3]),
+                  device=torch.device("cpu"), accelerator=Accelerator(cpu=True), steps=10, batch_size=B)
+    return get_method(name)(ctx)
+
+
+def grads(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+
+
+# ----------------------------------------------------------------------------- losses by hand
+
+def test_onehot_loss():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    row1 = -math.log(math.exp(2) / (math.exp(2) + math.exp(1) + 1))
+    row2 = -math.log(math.exp(3) / (1 + math.exp(3) + math.exp(1)))
+    assert onehot_loss(logits).item() == approx((row1 + row2) / 2)
+
+
+def test_activation_loss():
+    assert activation_loss(torch.tensor([[1.0, -2.0], [3.0, -4.0]])).item() == approx(-2.5)
+
+
+def test_information_entropy_loss_uses_log10_of_the_mean_prediction():
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    # p = (3/4, 1/4) and (1/2, 1/2): pbar = (5/8, 3/8)
+    want = 5 / 8 * math.log10(5 / 8) + 3 / 8 * math.log10(3 / 8)
+    assert information_entropy_loss(logits).item() == approx(want)
+    assert information_entropy_loss(torch.zeros(4, 3)).item() == approx(-math.log10(3))
+    assert information_entropy_loss(logits, base=math.e).item() == approx(want * math.log(10))
+
+
+def test_elementwise_kl_averages_over_classes_too():
+    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert elementwise_kl(s, t).item() == approx(kl / 2)
+    a = math.sqrt(3) / (math.sqrt(3) + 1)  # softmax of t / 2
+    assert elementwise_kl(s, t, temperature=2.0).item() == approx((a * math.log(2 * a) + (1 - a) * math.log(2 * (1 - a))) / 2)
+
+
+def test_logit_l1():
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    t = torch.tensor([[0.0, 4.0], [3.0, 1.0]])
+    assert logit_l1(s, t).item() == approx((1 + 2 + 0 + 3) / 4)
+
+
+def test_attention_map_and_loss():
+    f = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # (1, 2, 1, 2)
+    # channel-mean of squares: ((1 + 9) / 2, (4 + 0) / 2) = (5, 2); normalised by sqrt(29)
+    a = [5 / math.sqrt(29), 2 / math.sqrt(29)]
+    assert attention_map(f).flatten().tolist() == [approx(a[0]), approx(a[1])]
+    g = torch.ones(1, 3, 1, 2)  # attention (1, 1) / sqrt(2)
+    b = 1 / math.sqrt(2)
+    assert attention_loss(f, g).item() == approx(((a[0] - b) ** 2 + (a[1] - b) ** 2) / 2)
+    with pytest.raises(ValueError, match="equal spatial size"):
+        attention_loss(f, torch.ones(1, 3, 2, 2))
+
+
+def test_js_divergence_and_competition():
+    a, b = torch.tensor([[math.log(3.0), 0.0]]), torch.tensor([[0.0, 0.0]])
+    p, q, m = (0.75, 0.25), (0.5, 0.5), (0.625, 0.375)
+    js = 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + 0.5 * sum(qi * math.log(qi / mi) for qi, mi in zip(q, m))
+    assert js_divergence(a, b).item() == approx(js)
+    assert js_divergence(b, a).item() == approx(js)
+    assert competition_loss(b, a, temperature=1.0).item() == approx(1 - js)
+    assert competition_loss(a, a).item() == approx(1.0)
+
+
+def test_batch_stats_and_bn_distance():
+    x = torch.tensor([[[[1.0, 3.0]]], [[[5.0, 7.0]]]])  # (2, 1, 1, 2): mean 4, biased var (9+1+1+9)/4 = 5
+    mean, var = batch_stats(x)
+    assert mean.tolist() == [approx(4.0)] and var.tolist() == [approx(5.0)]
+    assert bn_stat_distance(mean, var, torch.zeros(1), torch.ones(1)).item() == approx(4 + 4)
+    # two channels: L2 norms over the channel vector, ||(3, 4)|| + ||(0, 0)||
+    d = bn_stat_distance(torch.tensor([3.0, 4.0]), torch.ones(2), torch.zeros(2), torch.ones(2))
+    assert d.item() == approx(5.0)
+    assert bn_stat_loss([torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)], first_multiplier=10).item() == approx(15)
+
+
+def test_image_priors():
+    x = torch.tensor([[[[1.0, 2.0], [4.0, 8.0]]]])  # (1, 1, 2, 2)
+    # right: (-1, -4); down: (-3, -6); diagonals: 4 - 2 = 2 and 1 - 8 = -7
+    assert total_variation_l2(x).item() == approx(math.sqrt(17) + math.sqrt(45) + 2 + 7)
+    assert total_variation_l1(x).item() == approx(2.5 + 4.5 + 2 + 7)
+    y = torch.tensor([[[[3.0, 4.0]]], [[[0.0, 0.0]]]])
+    assert image_l2(y).item() == approx((5 + 0) / 2)
+    assert total_variation_l2(torch.full((2, 3, 4, 4), 0.7)).item() == 0
+
+
+# ----------------------------------------------------------------------------- BatchNorm statistics
+
+def toy_net() -> nn.Module:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5))
+    return net.eval()
+
+
+def set_running_stats_to(net: nn.Module, x: torch.Tensor) -> None:
+    """Make every BN layer's running stats the exact (biased) statistics of its input for the batch x."""
+    def pre(module, inputs):
+        mean, var = batch_stats(inputs[0])
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
+    handles = [m.register_forward_pre_hook(pre) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        net(x)
+    for h in handles:
+        h.remove()
+
+
+def test_bn_statistics_loss_zero_for_matching_images_positive_otherwise():
+    net, x = toy_net(), torch.randn(8, 3, 6, 6)
+    set_running_stats_to(net, x)
+    with BNStatHooks(net) as bn:
+        net(x)
+    assert len(bn.distances) == 2
+    assert bn.loss(first_multiplier=10).item() == pytest.approx(0.0, abs=1e-5)
+    with BNStatHooks(net) as bn:
+        net(x * 1.5 + 0.3)
+    d0, d1 = bn.distances[0].item(), bn.distances[1].item()
+    assert d0 > 0.1 and d1 > 0.1
+    assert bn.loss(first_multiplier=10).item() == approx(10 * d0 + d1)
+    # single BN layer whose running stats are set by hand from the input's statistics
+    one = nn.BatchNorm2d(3).eval()
+    one.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+    one.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+    with BNStatHooks(one) as bn:
+        one(x)
+    assert bn.loss().item() == pytest.approx(0.0, abs=1e-5)
+    with BNStatHooks(one) as bn:
+        one(x + 0.5)
+    assert bn.loss().item() == pytest.approx(0.5 * math.sqrt(3), rel=1e-4)  # mean off by 0.5 in 3 channels
+
+
+def test_bn_hooks_are_removed_and_need_batchnorm():
+    net = toy_net()
+    hooks = BNStatHooks(net)
+    with hooks:
+        net(torch.randn(2, 3, 4, 4))
+    assert all(len(m._forward_hooks) == 0 for m in net.modules())
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        BNStatHooks(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+# ----------------------------------------------------------------------------- adversarial gradients
+
+def adv_grad(m, z: torch.Tensor) -> torch.Tensor:
+    """Gradient of the adversarial term alone w.r.t. the generator's parameters."""
+    m.generator.zero_grad(set_to_none=True)
+    m.generator_losses(m.generator(z))["g_adv"].backward()
+    return grads(m.generator)
+
+
+def hand_adv(name: str, m, fake: torch.Tensor) -> float:
+    x = m.ctx.normalize(fake)
+    t, s = m.teacher(x).double(), m.student(x).double()
+    if name == "dfad":
+        return -(s - t).abs().mean().item()
+    p_t, log_p_s = torch.softmax(t, 1), torch.log_softmax(s, 1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(1).mean().item()
+    return -kl / CLASSES if name == "zskt" else -kl
+
+
+@pytest.mark.parametrize("name", ["zskt", "dfad", "dfq"])
+def test_adversarial_gradient_reaches_generator_through_the_student(name):
+    m = make(name, **SMALL)
+    z = torch.randn(B, m.opts["nz"])
+    with torch.no_grad():
+        fake = m.generator(z)
+        assert m.generator_losses(fake)["g_adv"].item() == pytest.approx(hand_adv(name, m, fake), abs=1e-5)
+    before = adv_grad(m, z)
+    assert before.abs().sum() > 0
+    with torch.no_grad():
+        for p in m.student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    after = adv_grad(m, z)
+    assert after.abs().sum() > 0 and not torch.allclose(before, after)
+    # a "student" that is the teacher (the public toolkit's bug) gives no adversarial signal at all
+    m.student = copy.deepcopy(m.teacher)
+    assert adv_grad(m, z).abs().max().item() == 0.0
+
+
+def test_dafl_generator_loss_is_teacher_only():
+    m = make("dafl", **SMALL)
+    z = torch.randn(B, m.opts["nz"])
+
+    def g_grad():
+        m.generator.zero_grad(set_to_none=True)
+        g = m.generator_losses(m.generator(z))
+        (g["g_oh"] + 0.1 * g["g_act"] + 5 * g["g_ie"]).backward()
+        return grads(m.generator)
+
+    before = g_grad()
+    with torch.no_grad():
+        for p in m.student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert before.abs().sum() > 0 and torch.equal(before, g_grad())
+
+
+def test_dafl_terms_use_teacher_penultimate_features():
+    m = make("dafl", **SMALL)
+    fake = m.generator(torch.randn(B, m.opts["nz"]))
+    g = m.generator_losses(fake)
+    t = m.teacher
+    feat = t.forward_features(m.ctx.normalize(fake)).mean(dim=(2, 3))  # cnn_tiny: average-pooled last map
+    assert g["g_act"].item() == approx(-feat.abs().mean().item())
+    assert torch.allclose(g["t_logits"], t(m.ctx.normalize(fake)))
+
+
+def test_dfq_generator_terms_match_hand_computation():
+    m = make("dfq", **SMALL)
+    fake = m.generator(torch.randn(B, m.opts["nz"]))
+    g = m.generator_losses(fake)
+    x = m.ctx.normalize(fake)
+    seen = []
+    hooks = [mod.register_forward_pre_hook(lambda mod, inp: seen.append((mod, inp[0])))
+             for mod in m.teacher.modules() if isinstance(mod, nn.BatchNorm2d)]
+    p = torch.softmax(m.teacher(x).double(), 1)
+    for h in hooks:
+        h.remove()
+    bn = 0.0
+    for mod, inp in seen:
+        mu = inp.double().mean(dim=(0, 2, 3))
+        var = ((inp.double() - mu.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+        bn += (mu - mod.running_mean.double()).norm().item() + (var - mod.running_var.double()).norm().item()
+    pbar = p.mean(0)
+    assert g["g_bn"].item() == pytest.approx(bn, rel=1e-4)
+    assert g["g_balance"].item() == approx((pbar * pbar.log()).sum().item())
+    assert g["g_oh"].item() == approx(-p.max(1).values.log().mean().item())
+
+
+# ----------------------------------------------------------------------------- ZSKT layers
+
+def test_zskt_pairs_stages_by_reduction():
+    tiny, small = create_model("cnn_tiny", num_classes=3), create_model("cnn_small", num_classes=3)
+    assert pair_layers(small, tiny) == [("layer1", "layer1"), ("layer2", "layer2")]
+    wrn = pair_layers(create_model("wrn40_2", num_classes=10), create_model("wrn16_1", num_classes=10))
+    assert wrn == [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]
+    with pytest.raises(Exception, match="unknown layer"):
+        make("zskt", at_layers=[["layer1", "nolayer"]], **SMALL)
+
+
+# ----------------------------------------------------------------------------- DeepInversion
+
+def test_deepinversion_priors_are_on_by_default_and_smooth_images():
+    d = method_defaults("deepinversion")
+    assert d["tv_l2"] > 0 and d["l2"] > 0 and d["first_bn_multiplier"] > 1 and d["lambda_bn"] > 0
+    m = make("deepinversion", pool_size=8, di_iters=1)
+    v = torch.randn(B, 3, SIZE, SIZE, requires_grad=True)
+    targets = torch.arange(B) % CLASSES
+    terms = m.synthesis_losses(v, targets)
+    o = m.opts
+    prior = o["tv_l2"] * terms["tv_l2"] + o["l2"] * terms["l2"]
+    assert prior.item() > 0
+    rest = o["lambda_ce"] * terms["ce"] + o["lambda_bn"] * terms["bn"]
+    assert (m.weighted(terms) - rest).item() == pytest.approx(prior.item(), rel=1e-2)
+    tv_before = total_variation_l2(v).item()
+    opt = torch.optim.Adam([v], lr=o["lr"])
+    prior.backward()
+    opt.step()
+    assert total_variation_l2(v).item() < tv_before
+
+
+def test_deepinversion_synthesis_lowers_its_loss_and_fills_the_pool():
+    m = make("deepinversion", pool_size=6, synth_batch=4, di_iters=8, lr=0.1)
+    torch.manual_seed(1)
+    v = torch.randn(4, 3, SIZE, SIZE)
+    targets = torch.arange(4) % CLASSES
+    start = m.weighted(m.synthesis_losses(v, targets)).item()
+    torch.manual_seed(1)
+    images, terms = m.synthesize(4)
+    assert images.shape == (4, 3, SIZE, SIZE) and 0 <= images.min() and images.max() <= 1
+    assert terms["loss"].item() < start and math.isfinite(terms["loss"].item())
+    m.step({}, 0)
+    m.step({}, 1)
+    assert m.filled == 6  # 4 + the 2 left
+    assert set(m.step({}, 2)) == {"loss_s"}
+
+
+def test_deepinversion_bad_options_are_clear_errors():
+    with pytest.raises(ConfigError, match="raise steps above"):
+        make("deepinversion", pool_size=100)  # 25 synthesis steps of 4 > 10 steps
+    with pytest.raises(ConfigError, match="jitter"):
+        make("deepinversion", pool_size=8, jitter=16)
+    with pytest.raises(ConfigError, match="student_steps"):
+        make("dfad", student_steps=0, **SMALL)
+
+
+# ----------------------------------------------------------------------------- through the engine
+
+ENGINE_OPTS = {
+    "dafl": dict(SMALL),
+    "zskt": {**SMALL, "student_steps": 2},
+    "dfad": {**SMALL, "student_steps": 2},
+    "dfq": {**SMALL, "student_steps": 2},
+    "deepinversion": {"pool_size": 16, "di_iters": 2},  # 2 synthesis steps of 8, then KD
+}
+
+
+def engine_cfg(task, teacher: Path, out: Path, name: str, method: str, **extra):
+    from mosaic.cli import _resolve
+    opts = {f"{method}.{k}": json.dumps(v) for k, v in ENGINE_OPTS[method].items()}
+    items = {"name": name, "method": method, "teacher": str(teacher), "steps": 3, "student.arch": "cnn_tiny",
+             **opts, **extra}
+    return _resolve(base_overrides(task, out, **items))
+
+
+@pytest.mark.parametrize("method", list(ENGINE_OPTS))
+def test_method_runs_through_the_engine(method, tiny_task, tiny_teacher, tmp_path):
+    from mosaic.engine import train
+    res = train(engine_cfg(tiny_task, tiny_teacher, tmp_path, method, method))
+    assert res["steps"] == 3 and res["final_losses"]
+    assert all(math.isfinite(v) for v in res["final_losses"].values()), res["final_losses"]
+    assert 0.0 <= res["student_top1"] <= 1.0
+    if method == "deepinversion":
+        assert res["di_pool_images"] == 16 and res["di_synthesis_steps"] == 2 and "loss_s" in res["final_losses"]
+    lines = [json.loads(x) for x in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "elapsed_s" in x] == [1, 2, 3]  # one loss line per step
+
+
+def _pool_in(checkpoint: Path) -> torch.Tensor:
+    for f in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
+        state = torch.load(f, weights_only=False)
+        if isinstance(state, dict) and "pool" in state:
+            return state["pool"]
+    raise AssertionError(f"no DeepInversion pool in {checkpoint}")
+
+
+def test_deepinversion_resume_keeps_the_pool(tiny_task, tiny_teacher, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from mosaic.engine import checkpoints, train
+    common = dict(steps=4, ckpt_every=1, keep_ckpts=4)
+    full = train(engine_cfg(tiny_task, tiny_teacher, tmp_path, "full", "deepinversion", **common))
+
+    real_step, real_synth = DeepInversion.step, DeepInversion.synthesize
+
+    def dying_step(self, batch, step):
+        if step == 1:
+            raise KeyboardInterrupt("simulated kill during the second synthesis step")
+        return real_step(self, batch, step)
+
+    monkeypatch.setattr(DeepInversion, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(engine_cfg(tiny_task, tiny_teacher, tmp_path, "killed", "deepinversion", **common))
+    monkeypatch.setattr(DeepInversion, "step", real_step)
+    assert _pool_in(checkpoints(tmp_path / "killed")[-1]).shape[0] == 8  # one batch made before the kill
+
+    calls = []
+
+    def counting_synth(self, n):
+        calls.append(n)
+        return real_synth(self, n)
+
+    monkeypatch.setattr(DeepInversion, "synthesize", counting_synth)
+    resumed = train(engine_cfg(tiny_task, tiny_teacher, tmp_path, "killed", "deepinversion", resume=True, **common))
+    assert calls == [8]  # only the missing batch is synthesised; the first comes from the checkpoint
+    assert torch.equal(_pool_in(checkpoints(tmp_path / "killed")[-1]), _pool_in(checkpoints(tmp_path / "full")[-1]))
+    assert resumed["final_losses"] == full["final_losses"]
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
