@@ -27,10 +27,19 @@ def balance_loss(logits: Tensor) -> Tensor:
     return (p_bar * torch.log(p_bar.clamp_min(1e-12))).sum()
 
 
-def patch_gan_loss(logits: Tensor, *, real: bool) -> Tensor:
-    """Binary cross-entropy with logits against an all-real or all-fake target, averaged over the map."""
+def patch_gan_loss(logits: Tensor, *, real: bool, reduction: str = "mean") -> Tensor:
+    """Binary cross-entropy with logits of a (B, 1, H, W) patch map against an all-real or all-fake target.
+
+    reduction "mean" averages over every logit; "sum" sums each sample's map and averages over
+    samples (so the term grows with the number of patches, as in the MosaicKD reference code).
+    """
     target = torch.ones_like(logits) if real else torch.zeros_like(logits)
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    if reduction == "mean":
+        return bce.mean()
+    if reduction == "sum":
+        return bce.flatten(1).sum(1).mean()
+    raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:

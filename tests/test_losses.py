@@ -54,6 +54,10 @@ def test_patch_gan_loss():
     fake = (math.log(2.0) + math.log(1 + math.exp(2.0))) / 2
     assert patch_gan_loss(x, real=True).item() == pytest.approx(real, abs=1e-6)
     assert patch_gan_loss(x, real=False).item() == pytest.approx(fake, abs=1e-6)
+    # "sum": each sample's map summed, then the mean over samples
+    two = torch.tensor([[[[0.0, 2.0]]], [[[0.0, 0.0]]]])
+    want = ((math.log(2.0) + math.log(1 + math.exp(-2.0))) + 2 * math.log(2.0)) / 2
+    assert patch_gan_loss(two, real=True, reduction="sum").item() == pytest.approx(want, abs=1e-6)
 
 
 def test_cross_entropy_and_agreement():

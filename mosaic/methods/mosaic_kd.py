@@ -4,7 +4,7 @@ Four players: a generator G, a patch discriminator D shown random local crops of
 OOD images and of G's images, the frozen teacher T and the student S. One outer
 iteration = 1 D step, 1 G step, then `student_steps` S steps:
 
-    L_D = local * BCE(D(crops(ood)) -> 1, D(crops(G(z))) -> 0)
+    L_D = local * BCE(D(crops(ood)) -> 1, D(crops(G(z))) -> 0)   # summed over each crop's logit map
     L_G = local * BCE(D(crops(G(z))) -> 1)          # mosaic: OOD local patterns
         + align * mean_i H(T(G(z_i)))                # label-space alignment: confident teacher
         + balance * sum_c pbar_c log2 pbar_c         # balanced classes (reference code uses log2)
@@ -38,6 +38,7 @@ class MosaicKD(Method):
         "patch_size": 16,       # side of the random crops the discriminator sees (pixels; <= image size)
         "patches": 2,           # crops per image for the discriminator
         "lambda_local": 1.0,    # patch GAN term (D and G)
+        "local_reduction": "sum",  # sum each crop's logit map (reference code: sum over the map) | mean
         "lambda_align": 1.0,    # teacher entropy on generated images
         "lambda_balance": 10.0, # class balance of the teacher's mean prediction
         "lambda_adv": 1.0,      # adversarial (DRO) term
@@ -58,6 +59,8 @@ class MosaicKD(Method):
         if not 4 <= o["patch_size"] <= ctx.image_size:
             raise ConfigError(f"mosaic.patch_size={o['patch_size']} must lie in [4, {ctx.image_size}] "
                              f"(the image size)")
+        if o["local_reduction"] not in ("sum", "mean"):
+            raise ConfigError(f"mosaic.local_reduction must be sum or mean, got {o['local_reduction']!r}")
         if o["student_steps"] < 1 or o["patches"] < 1:
             raise ConfigError("mosaic.student_steps and mosaic.patches must be >= 1")
         self.generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size,
@@ -80,6 +83,10 @@ class MosaicKD(Method):
         """`patches` random patch_size crops of every image, stacked along the batch."""
         return self.crop(repeat(images, "b c h w -> (n b) c h w", n=self.opts["patches"]))
 
+    def local_loss(self, logits: Tensor, *, real: bool) -> Tensor:
+        """The patch-GAN loss with this run's reduction over each crop's logit map."""
+        return patch_gan_loss(logits, real=real, reduction=self.opts["local_reduction"])
+
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
         """The four generator terms (unweighted) for generated images in [0, 1].
 
@@ -91,7 +98,7 @@ class MosaicKD(Method):
         t_logits = self.teacher(x)
         s_logits = student(x)
         return {
-            "g_local": patch_gan_loss(disc(self.crops(fake)), real=True),
+            "g_local": self.local_loss(disc(self.crops(fake)), real=True),
             "g_align": entropy(t_logits),
             "g_balance": balance_loss(t_logits) / math.log(2.0),
             "g_adv": -kd_loss(s_logits, t_logits),
@@ -106,7 +113,7 @@ class MosaicKD(Method):
         fake = self._generate(self.synthetic_batch)
         d_real = D(self.crops(ood[0]))
         d_fake = D(self.crops(fake.detach()))
-        loss_d = o["lambda_local"] * 0.5 * (patch_gan_loss(d_real, real=True) + patch_gan_loss(d_fake, real=False))
+        loss_d = o["lambda_local"] * 0.5 * (self.local_loss(d_real, real=True) + self.local_loss(d_fake, real=False))
         self.discriminator_opt.zero_grad(set_to_none=True)
         self.backward(loss_d)
         self.discriminator_opt.step()
