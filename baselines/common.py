@@ -54,14 +54,9 @@ class StreamMethod(Method):
 
 def load_test_set(ctx: Context):
     """The run's labelled test set (data.test) as the engine loads it, or None when there is none."""
-    from mosaic.data import load_image_set
+    from mosaic.engine import load_split
 
-    d = ctx.cfg["data"]
-    if not d["test"]:
-        return None
-    return load_image_set(d["test"], split="test", image_size=d["image_size"], channels=d["channels"],
-                          root=d["root"], download=d["download"], limit=d["test_limit"], labelled=True,
-                          on_corrupt=d["on_corrupt"], cache=d["cache"], seed=ctx.cfg["seed"])
+    return load_split(ctx.cfg, "test") if ctx.cfg["data"]["test"] else None
 
 
 @torch.no_grad()

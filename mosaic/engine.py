@@ -204,27 +204,26 @@ class Evaluator:
 
 # ----------------------------------------------------------------------------- the loop
 
-def _load_data(cfg: dict, needs: dict[str, int], accelerator) -> dict[str, ImageSet]:
-    """Decode (or read from cache) the data sets the method and the evaluation need."""
+def load_split(cfg: dict, key: str, *, image_size: int | None = None, channels: int | None = None) -> ImageSet:
+    """Decode (or read from cache) `data.<key>` ("train", "test" or "ood") as the config describes it."""
     d = cfg["data"]
-    common = dict(image_size=d["image_size"], channels=d["channels"], root=d["root"], download=d["download"],
-                  on_corrupt=d["on_corrupt"], cache=d["cache"], seed=cfg["seed"])
-    wanted = {}
-    if "train" in needs:
-        if not d["train"]:
-            raise RunError(f"method '{cfg['method']}' trains on labelled in-domain data: set data.train")
-        wanted["train"] = dict(spec=d["train"], split="train", limit=d["train_limit"], labelled=True)
-    if "ood" in needs:
-        if not d["ood"]:
-            raise RunError(f"method '{cfg['method']}' needs out-of-domain images: set ood=<folder or data set>")
-        wanted["ood"] = dict(spec=d["ood"], split="train", limit=d["ood_limit"], labelled=False)
-    if d["test"]:
-        wanted["test"] = dict(spec=d["test"], split="test", limit=d["test_limit"], labelled=True)
-    out = {}
+    split = "test" if key == "test" else "train"
+    return load_image_set(d[key], split=split, image_size=image_size or d["image_size"],
+                          channels=channels or d["channels"], root=d["root"], download=d["download"],
+                          limit=d[f"{key}_limit"], labelled=key != "ood", on_corrupt=d["on_corrupt"],
+                          cache=d["cache"], seed=cfg["seed"])
+
+
+def _load_data(cfg: dict, needs: dict[str, int], accelerator) -> dict[str, ImageSet]:
+    """The data sets the method (its streams) and the evaluation (data.test) need."""
+    d = cfg["data"]
+    if "train" in needs and not d["train"]:
+        raise RunError(f"method '{cfg['method']}' trains on labelled in-domain data: set data.train")
+    if "ood" in needs and not d["ood"]:
+        raise RunError(f"method '{cfg['method']}' needs out-of-domain images: set ood=<folder or data set>")
+    keys = [k for k in ("train", "ood") if k in needs] + (["test"] if d["test"] else [])
     with accelerator.main_process_first():  # the main process fills the decode cache first
-        for key, spec in wanted.items():
-            out[key] = load_image_set(spec.pop("spec"), **spec, **common)
-    return out
+        return {key: load_split(cfg, key) for key in keys}
 
 
 def _teacher(cfg: dict, sets: dict[str, ImageSet], requires: bool) -> tuple[nn.Module | None, dict]:
@@ -534,10 +533,7 @@ def evaluate(model_path: str, cfg: dict) -> dict[str, Any]:
     accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision=cfg["mixed_precision"])
     model, meta = load_classifier(model_path)
     d = cfg["data"]
-    test = load_image_set(d["test"], split="test", image_size=meta.get("image_size", d["image_size"]),
-                          channels=meta.get("in_chans", d["channels"]), root=d["root"], download=d["download"],
-                          limit=d["test_limit"], labelled=True, on_corrupt=d["on_corrupt"], cache=d["cache"],
-                          seed=cfg["seed"])
+    test = load_split(cfg, "test", image_size=meta.get("image_size"), channels=meta.get("in_chans"))
     teacher, teacher_meta = (None, {})
     if cfg["teacher"]["checkpoint"]:
         teacher, teacher_meta = _teacher(cfg, {"test": test}, True)
