@@ -16,7 +16,6 @@ DAFL with balance 20 on a natural log, i.e. about 46 in these log10 units.)
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from baselines.datafree_common import GeneratorMethod, logits_and_features, make_student_opt

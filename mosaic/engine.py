@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from mosaic import config as config_lib
 from mosaic.augment import Augment, to_float
-from mosaic.data import DataError, ImageSet, load_image_set
+from mosaic.data import ImageSet, load_image_set
 from mosaic.methods import Context, get_method
 from mosaic.models import CheckpointError, create_model, freeze, load_model, load_state, save_model
 from mosaic.stream import Stream

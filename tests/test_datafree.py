@@ -26,15 +26,6 @@ B, SIZE, CLASSES = 4, 16, 3
 SMALL = {"nz": 16, "ngf": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one thread (a shared, loaded CPU makes a thread pool crawl); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def approx(x: float):
     return pytest.approx(x, rel=1e-5, abs=1e-6)
 

@@ -14,15 +14,6 @@ from baselines.losses import (at_pair_loss, attention_map, attention_transfer, c
 from mosaic.config import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread beats two contending ones on a shared CPU (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- plain-Python references
 
 

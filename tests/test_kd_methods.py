@@ -18,15 +18,6 @@ B, SIZE, C = 8, 16, 3
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread beats two contending ones on a shared CPU (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def save_random_classifier(path: Path, seed: int) -> Path:
     """A randomly initialised cnn_tiny for the 3-class task, saved like a trained teacher."""
     torch.manual_seed(seed)

@@ -100,15 +100,6 @@ EXPECTED = {
 NAMES = sorted(EXPECTED)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches run fastest single-threaded; on a busy 2-core box two threads can be 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def _shared(name: str) -> nn.Module:
     """A 10-class model in eval mode, built once; tests that mutate a model build their own."""

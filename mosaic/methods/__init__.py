@@ -139,16 +139,12 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def _load_plugins() -> None:
-    """Import the built-in methods and every `mosaic_kd.methods` entry point once."""
+    """Import the built-in methods and every `mosaic_kd.methods` entry point once (`baselines` is one)."""
     global _PLUGINS_LOADED
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
     from mosaic.methods import mosaic_kd, supervised  # noqa: F401  (registration side effect)
-    try:
-        import baselines  # noqa: F401  (the project's own baselines, also without installation)
-    except ImportError:
-        pass
     for ep in metadata.entry_points(group="mosaic_kd.methods"):
         ep.load()
 

@@ -107,7 +107,7 @@ class MosaicKD(Method):
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         o, B = self.opts, self.ctx.batch_size
         ood = batch["ood"].split(B)
-        G, D, S = self.generator, self.discriminator, self.student
+        D, S = self.discriminator, self.student
 
         # 1. Patch discrimination: real OOD crops -> 1, generated crops -> 0.
         fake = self._generate(self.synthetic_batch)
