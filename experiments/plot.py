@@ -15,14 +15,20 @@ import yaml
 HERE = Path(__file__).resolve().parent
 
 
-def curves(runs: Path, suite: str, labels: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """(step, student top-1) pairs per method from the runs' metrics.jsonl."""
+def curves(runs: Path, suite: str, labels: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """(fraction of the run's steps, student top-1) pairs per method from the runs' metrics.jsonl.
+
+    Suites give every method the same budget in student updates, but a step holds a different
+    number of updates per method, so curves are drawn against the fraction of the budget.
+    """
     out = {}
     for label in labels:
-        path = runs / f"{suite}-{label}" / "metrics.jsonl"
-        if not path.exists():
+        folder = runs / f"{suite}-{label}"
+        if not (folder / "metrics.jsonl").exists():
             continue
-        points = [(r["step"], r["eval/student_top1"]) for r in map(json.loads, path.read_text().splitlines())
+        steps = yaml.safe_load((folder / "config.yaml").read_text())["steps"]
+        points = [(r["step"] / steps, r["eval/student_top1"])
+                  for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
                   if "eval/student_top1" in r]
         if points:
             out[label] = points
@@ -40,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     spec = yaml.safe_load((HERE / "suites" / f"{args.suite}.yaml").read_text())
-    labels = [(o or {}).get("label", m) for m, o in spec["methods"].items()]
+    from suite import labels_of
+    labels = labels_of(spec)
     runs, results = Path(args.runs), HERE / "results"
     results.mkdir(exist_ok=True)
 
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, points in data.items():
         steps, top1 = zip(*points)
         ax.plot(steps, [100 * t for t in top1], marker="o", label=label)
-    ax.set_xlabel("step")
+    ax.set_xlabel("fraction of the training budget (equal student updates)")
     ax.set_ylabel("student top-1 (%)")
     ax.set_title(args.suite)
     ax.grid(alpha=0.3)

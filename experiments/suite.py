@@ -59,7 +59,8 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
     for method, overrides in spec["methods"].items():
         if only and method not in only:
             continue
-        label = overrides.pop("label", method) if overrides else method
+        overrides = dict(overrides or {})
+        label = overrides.pop("label", method)
         items = {**data, **spec.get("common", {}), "method": method, **(overrides or {}),
                  "teacher": str(teacher_dir / "model.safetensors"), "out_dir": str(out_dir),
                  "name": f"{name}-{label}", "overwrite": True}
@@ -68,17 +69,40 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
         rows.append({"method": label, **{k: res.get(k) for k in COLUMNS if k != "method"}})
         rows[-1]["wall_s"] = round(res["wall_s"], 1)
     if results_dir is not None:
+        if only:  # keep the committed rows of the methods not re-run, in the suite's order
+            rows = merge_rows(read_rows(results_dir / f"{name}.csv"), rows, order=labels_of(spec))
         write_tables(rows, results_dir / name, title=spec.get("title", name), note=spec.get("note", ""))
     return rows
+
+
+def labels_of(spec: dict) -> list[str]:
+    """Row labels of a suite, in its order."""
+    return [(o or {}).get("label", m) for m, o in spec["methods"].items()]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a committed results CSV ([] when there is none)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def merge_rows(old: list[dict], new: list[dict], *, order: list[str]) -> list[dict]:
+    """Old rows updated by new ones (same method label), sorted in the suite's order."""
+    by_label = {r["method"]: r for r in old}
+    by_label.update({r["method"]: r for r in new})
+    rank = {label: i for i, label in enumerate(order)}
+    return sorted(by_label.values(), key=lambda r: rank.get(r["method"], len(rank)))
 
 
 def markdown(rows: list[dict], *, title: str = "", note: str = "") -> str:
     """The rows as a markdown table (accuracies in percent)."""
     def fmt(key, v):
-        if v is None:
+        if v is None or v == "":
             return "-"
         if key in ("student_top1", "agreement", "teacher_top1"):
-            return f"{100 * v:.2f}"
+            return f"{100 * float(v):.2f}"
         return str(v)
     lines = [f"# {title}", ""] if title else []
     if note:
