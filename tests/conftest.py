@@ -31,14 +31,15 @@ def write_images(folder: Path, n: int, *, size: int, rng: np.random.Generator, m
 
 
 def make_task(root: Path, *, classes: int = 3, train: int = 24, test: int = 12, ood: int = 48, size: int = 16,
-              seed: int = 0) -> dict[str, Path]:
-    """A labelled train/test ImageFolder whose classes differ in colour, plus a flat OOD folder."""
+              seed: int = 0, channels: int = 3) -> dict[str, Path]:
+    """A labelled train/test ImageFolder whose classes differ in colour (or grey level), plus a flat OOD folder."""
     rng = np.random.default_rng(seed)
-    means = rng.integers(30, 226, size=(classes, 3)).astype(float)
+    means = rng.integers(30, 226, size=(classes, channels)).astype(float)
     for split, n in (("train", train), ("test", test)):
         for c in range(classes):
-            write_images(root / "task" / split / f"class_{c}", n, size=size, rng=rng, mean=means[c])
-    write_images(root / "ood", ood, size=size + 8, rng=rng)  # other size on purpose: resized on load
+            write_images(root / "task" / split / f"class_{c}", n, size=size, rng=rng, mean=means[c],
+                         channels=channels)
+    write_images(root / "ood", ood, size=size + 8, rng=rng, channels=channels)  # other size: resized on load
     return {"task": root / "task", "ood": root / "ood"}
 
 

@@ -112,3 +112,18 @@ def test_evaluate_command(tiny_task, tiny_teacher, tmp_path, capsys):
     results = json.loads((tiny_teacher.parent / "results.json").read_text())
     assert out["student_top1"] == pytest.approx(results["student_top1"])
     assert out["images"] == 36
+
+
+def test_grayscale_28px_teacher_then_mosaic(tmp_path):
+    """Image size and channels are task parameters: a 1-channel 28x28 task runs end to end."""
+    from conftest import make_task
+    task = make_task(tmp_path / "gray", classes=3, train=8, test=4, ood=16, size=28, channels=1)
+    gray = {"data.image_size": 28, "data.channels": 1, "student.arch": "cnn_tiny", "epochs": "null"}
+    train(cfg_for(task, tmp_path, TEACHER_BASE, name="t", steps=2, **gray))
+    meta = json.loads((tmp_path / "t" / "model.json").read_text())
+    assert meta["in_chans"] == 1 and meta["image_size"] == 28 and len(meta["mean"]) == 1
+    res = train(cfg_for(task, tmp_path, name="m", steps=1, teacher=str(tmp_path / "t"), **gray,
+                        **{"mosaic.patch_size": 12, "mosaic.ngf": 8, "mosaic.ndf": 8, "mosaic.student_steps": 1}))
+    assert 0.0 <= res["student_top1"] <= 1.0
+    from PIL import Image
+    assert Image.open(tmp_path / "m" / "samples" / "final.png").size[0] > 28
