@@ -1,18 +1,14 @@
 """Attention transfer: match normalised spatial attention maps at several layer pairs, plus the logit loss."""
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from baselines.features import FeatureKD
+from baselines.losses import attention_transfer
+from mosaic.methods import register_method
 
-from baselines.common import StreamMethod, check_fraction
-from baselines.features import PairedTaps, layer_pairs, probe_shapes, require_same_spatial
-from baselines.losses import attention_transfer, logit_loss
-from mosaic.methods import Context, register_method
-from mosaic.methods.supervised import sgd
 
 
 @register_method("at")
-class AttentionTransfer(StreamMethod):
+class AttentionTransfer(FeatureKD):
     """Attention transfer (Zagoruyko & Komodakis 2017): CE (or KD) + beta/2 sum_pairs mean (Q_s - Q_t)^2."""
     defaults = {
         "student_layers": None,  # student layers: module paths or feature indices (null: the last stage of every
@@ -25,27 +21,9 @@ class AttentionTransfer(StreamMethod):
         "stream": "train",       # train: labelled in-domain images | ood: the unlabelled OOD pool
     }
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        check_fraction(self.name, "alpha", self.opts["alpha"])
-        pairs = layer_pairs(self.name, self.opts, self.student, self.teacher, pick="all")
-        s_shapes = probe_shapes(self.student, [s for s, _ in pairs], ctx)
-        t_shapes = probe_shapes(self.teacher, [t for _, t in pairs], ctx)
-        for s, t in pairs:
-            require_same_spatial(self.name, s, s_shapes[s], t, t_shapes[t])
-        self.taps = PairedTaps(self.student, self.teacher, pairs)
-        self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
+    pick = "all"
 
-    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+    def feature_terms(self, s_feats, t_feats):
         o = self.opts
-        x, y = self.inputs(batch)
-        with torch.no_grad():
-            t_logits = self.teacher(x)
-        s_logits = self.student(x)
-        s_feats, t_feats = self.taps.features()
         attention = attention_transfer(s_feats, t_feats, p=o["p"], beta=o["beta"])
-        logit = logit_loss(s_logits, t_logits, y, temperature=o["temperature"], alpha=o["alpha"])
-        loss = logit + attention
-        self.update(loss, [self.student_opt])
-        self.taps.clear()
-        return {"loss": loss.detach(), "loss_logit": logit.detach(), "loss_at": attention.detach()}
+        return attention, {"loss_at": attention}

@@ -1,13 +1,16 @@
 """Feature taps for the feature-based baselines: choosing layer pairs, probing shapes, building adapters."""
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, ClassVar, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from baselines.common import StreamMethod, check_fraction
+from baselines.losses import logit_loss
 from mosaic.config import ConfigError
 from mosaic.methods import Context
+from mosaic.methods.supervised import sgd
 from mosaic.models import FeatureTaps, feature_info_of
 
 LayerRef = Union[str, int]
@@ -129,3 +132,50 @@ class PairedTaps:
         """Drop the captured features (and the autograd graph they hold)."""
         self.student.clear()
         self.teacher.clear()
+
+
+class FeatureKD(StreamMethod):
+    """Base of FitNets, AT, NST and RKD: paired student/teacher taps, the logit loss plus feature terms.
+
+    A subclass sets `pick` (default layer pairing) and implements `feature_terms`, returning
+    the weighted feature loss and the terms to log.
+    """
+    pick: ClassVar[str] = "last"          # layer pairing when none is configured: all | middle | last
+    same_spatial: ClassVar[bool] = True   # reject pairs whose maps differ in spatial size
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        check_fraction(self.name, "alpha", self.opts["alpha"])
+        self.pairs = layer_pairs(self.name, self.opts, self.student, self.teacher, pick=self.pick)
+        if self.same_spatial:
+            s_shapes, t_shapes = self.pair_shapes()
+            for s, t in self.pairs:
+                require_same_spatial(self.name, s, s_shapes[s], t, t_shapes[t])
+        self.taps = PairedTaps(self.student, self.teacher, self.pairs)
+        self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
+
+    def pair_shapes(self) -> tuple[dict, dict]:
+        """Output shapes of the paired student and teacher layers, from one probe forward each."""
+        return (probe_shapes(self.student, [s for s, _ in self.pairs], self.ctx),
+                probe_shapes(self.teacher, [t for _, t in self.pairs], self.ctx))
+
+    def feature_terms(self, s_feats: list[Tensor], t_feats: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted feature loss and the (named) terms to log."""
+        raise NotImplementedError
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers one step updates."""
+        return [self.student_opt]
+
+    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        o = self.opts
+        x, y = self.inputs(batch)
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        s_logits = self.student(x)
+        feature_loss, terms = self.feature_terms(*self.taps.features())
+        logit = logit_loss(s_logits, t_logits, y, temperature=o["temperature"], alpha=o["alpha"])
+        loss = logit + feature_loss
+        self.update(loss, self.optimizers())
+        self.taps.clear()
+        return {"loss": loss.detach(), "loss_logit": logit.detach(), **{k: v.detach() for k, v in terms.items()}}

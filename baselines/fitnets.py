@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from baselines.common import StreamMethod, check_fraction
-from baselines.features import Adapters, PairedTaps, layer_pairs, make_adapter, probe_shapes
-from baselines.losses import hint_loss, logit_loss
+from baselines.features import Adapters, FeatureKD, make_adapter
+from baselines.losses import hint_loss
 from mosaic.methods import Context, register_method
 from mosaic.methods.supervised import sgd
 
 
+
 @register_method("fitnets")
-class FitNets(StreamMethod):
+class FitNets(FeatureKD):
     """FitNets hints (single stage): CE (or KD) + weight * MSE(regressor(student layer), teacher layer)."""
     defaults = {
         "student_layers": None,  # guided student layer(s): module paths or feature indices (null: the middle
@@ -25,29 +24,19 @@ class FitNets(StreamMethod):
     }
     players = ("student", "regressor")
 
+    pick = "middle"
+    same_spatial = False  # the regressor adapts channels; make_adapter rejects other mismatches
+
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        check_fraction(self.name, "alpha", self.opts["alpha"])
-        pairs = layer_pairs(self.name, self.opts, self.student, self.teacher, pick="middle")
-        s_shapes = probe_shapes(self.student, [s for s, _ in pairs], ctx)
-        t_shapes = probe_shapes(self.teacher, [t for _, t in pairs], ctx)
-        self.regressor = Adapters([make_adapter(self.name, s, s_shapes[s], t, t_shapes[t]) for s, t in pairs]
+        s_shapes, t_shapes = self.pair_shapes()
+        self.regressor = Adapters([make_adapter(self.name, s, s_shapes[s], t, t_shapes[t]) for s, t in self.pairs]
                                   ).to(ctx.device)
-        self.taps = PairedTaps(self.student, self.teacher, pairs)
-        self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
         self.regressor_opt = sgd(self.regressor.parameters(), ctx.cfg["student"])
 
-    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        o = self.opts
-        x, y = self.inputs(batch)
-        with torch.no_grad():
-            t_logits = self.teacher(x)
-        s_logits = self.student(x)
-        s_feats, t_feats = self.taps.features()
-        hints = [hint_loss(r, t) for r, t in zip(self.regressor(s_feats), t_feats)]
-        hint = torch.stack(hints).mean()
-        logit = logit_loss(s_logits, t_logits, y, temperature=o["temperature"], alpha=o["alpha"])
-        loss = logit + o["weight"] * hint
-        self.update(loss, [self.student_opt, self.regressor_opt])
-        self.taps.clear()
-        return {"loss": loss.detach(), "loss_logit": logit.detach(), "loss_hint": hint.detach()}
+    def optimizers(self):
+        return [self.student_opt, self.regressor_opt]
+
+    def feature_terms(self, s_feats, t_feats):
+        hint = torch.stack([hint_loss(r, t) for r, t in zip(self.regressor(s_feats), t_feats)]).mean()
+        return self.opts["weight"] * hint, {"loss_hint": hint}
