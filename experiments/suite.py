@@ -75,6 +75,19 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
     return rows
 
 
+def collect(name: str, *, out_dir: Path, results_dir: Path) -> list[dict]:
+    """Rebuild a suite's table from the results.json of its run folders (runs made in several processes)."""
+    spec = yaml.safe_load((HERE / "suites" / f"{name}.yaml").read_text())
+    rows = []
+    for label in labels_of(spec):
+        path = out_dir / f"{name}-{label}" / "results.json"
+        if path.exists():
+            res = json.loads(path.read_text())
+            rows.append({"method": label, **{k: res.get(k) for k in COLUMNS if k != "method"}})
+    write_tables(rows, results_dir / name, title=spec.get("title", name), note=spec.get("note", ""))
+    return rows
+
+
 def labels_of(spec: dict) -> list[str]:
     """Row labels of a suite, in its order."""
     return [(o or {}).get("label", m) for m, o in spec["methods"].items()]
@@ -129,8 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs", help="parent folder of the run folders (default: runs)")
     parser.add_argument("--no-tables", action="store_true", help="do not write experiments/results/<suite>.*")
     parser.add_argument("--only", nargs="*", help="run only these methods")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: rebuild the table from the run folders' results.json")
     args = parser.parse_args(argv)
     t0 = time.time()
+    if args.collect:
+        print(markdown(collect(args.suite, out_dir=Path(args.out), results_dir=HERE / "results")))
+        return 0
     rows = run_suite(args.suite, out_dir=Path(args.out), only=args.only,
                      results_dir=None if args.no_tables else HERE / "results")
     print()
