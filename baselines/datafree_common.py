@@ -1,7 +1,6 @@
 """Pieces shared by the data-free baselines: BatchNorm-statistics hooks, the generator player, option checks."""
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -131,9 +130,5 @@ class GeneratorMethod(Method):
 
     @torch.no_grad()
     def sample_images(self, n: int) -> Tensor:
-        """n images from fixed noise, sorted by the teacher's class; a copy of G makes them (BN stats untouched)."""
-        G = copy.deepcopy(self.accelerator.unwrap_model(self.generator))
-        z = torch.randn(n, self.opts["nz"], generator=torch.Generator().manual_seed(0)).to(self.ctx.device)
-        images = G(z).float()
-        pred = self.teacher(self.ctx.normalize(images)).argmax(1)
-        return images[torch.argsort(pred, stable=True)]
+        """n images from fixed noise, sorted by the teacher's predicted class."""
+        return self.sort_by_teacher(self.accelerator.unwrap_model(self.generator).fixed_samples(n))

@@ -94,6 +94,12 @@ class Method:
         """Up to n images in [0, 1] for the run's sample grid, or None (no synthesiser)."""
         return None
 
+    @torch.no_grad()
+    def sort_by_teacher(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] reordered by the teacher's predicted class (for sample grids)."""
+        pred = self.teacher(self.ctx.normalize(images)).argmax(1)
+        return images[torch.argsort(pred, stable=True)]
+
     def results(self) -> dict:
         """Extra entries for results.json."""
         return {}

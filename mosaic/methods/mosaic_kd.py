@@ -13,7 +13,6 @@ iteration = 1 D step, 1 G step, then `student_steps` S steps:
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import kornia.augmentation as K
@@ -148,13 +147,5 @@ class MosaicKD(Method):
 
     @torch.no_grad()
     def sample_images(self, n: int) -> Tensor:
-        """n images from fixed noise (comparable across steps), sorted by the teacher's predicted class.
-
-        A copy of the generator makes them, so neither its BatchNorm statistics nor the
-        training random stream are touched.
-        """
-        G = copy.deepcopy(self.accelerator.unwrap_model(self.generator))
-        z = torch.randn(n, self.opts["nz"], generator=torch.Generator().manual_seed(0)).to(self.ctx.device)
-        images = G(z).float()
-        pred = self.teacher(self.ctx.normalize(images)).argmax(1)
-        return images[torch.argsort(pred, stable=True)]
+        """n images from fixed noise, sorted by the teacher's predicted class."""
+        return self.sort_by_teacher(self.accelerator.unwrap_model(self.generator).fixed_samples(n))

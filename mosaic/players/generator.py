@@ -1,6 +1,8 @@
 """DCGAN-style generator: noise -> image in [0, 1] (MosaicKD, DAFL, DFAD, ZSKT all use this shape)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
@@ -34,6 +36,15 @@ class Generator(nn.Module):
     def sample_noise(self, n: int, *, device: torch.device | str | None = None) -> Tensor:
         """n noise vectors z ~ N(0, I)."""
         return torch.randn(n, self.nz, device=device if device is not None else self.project.weight.device)
+
+    @torch.no_grad()
+    def fixed_samples(self, n: int) -> Tensor:
+        """n images from fixed noise (seed 0, comparable across steps), made by a copy of this generator.
+
+        The copy keeps this generator's BatchNorm statistics and the training random stream untouched.
+        """
+        z = torch.randn(n, self.nz, generator=torch.Generator().manual_seed(0)).to(self.project.weight.device)
+        return copy.deepcopy(self)(z).float()
 
     def forward(self, z: Tensor) -> Tensor:
         h = rearrange(self.project(z), "b (c h w) -> b c h w", h=self.init_size, w=self.init_size)
