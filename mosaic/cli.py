@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mosaic.data import DataError
     from mosaic.engine import RunError
+    from mosaic.guard import DivergenceError
     from mosaic.models import CheckpointError, ModelError
     try:
         if args.command == "train-teacher":
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 doc = (get_method(name).__doc__ or "").strip().splitlines()
                 print(f"{name:14s} {doc[0] if doc else ''}")
             return 0
-    except (config_lib.ConfigError, DataError, RunError, CheckpointError, ModelError) as err:
+    except (config_lib.ConfigError, DataError, RunError, CheckpointError, ModelError, DivergenceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1

@@ -42,6 +42,15 @@ DEFAULTS: dict[str, Any] = {
     "keep_ckpts": 2,            # checkpoints kept in run/checkpoints
     "sample_every": 1000,       # steps between sample image grids (0: only at the end)
     "progress": True,           # tqdm progress bar (main process only)
+    "sync_bn": False,           # SyncBatchNorm in the trained players when several processes run (see README)
+    "global_batch": False,      # true: batch_size is the global batch, split over the processes
+    "guard": {                  # divergence guard (mosaic/guard.py)
+        "on_nonfinite": "stop", # stop | restore (last checkpoint, lower LR) | skip (drop the update) | off
+        "every": 10,            # steps between checks (each check is one host sync)
+        "lr_factor": 0.5,       # restore: learning rates are multiplied by this after each restore
+        "max_restores": 3,      # restore: stop after this many restores
+        "max_skips": 20,        # skip: stop after this many skipped updates in a row
+    },
     "data": {
         "root": None,           # data root; default $MOSAIC_DATA_ROOT, ./data or ../shared/data
         "train": "cifar10",     # in-domain training set (teacher training, in-domain KD)
@@ -159,6 +168,8 @@ def resolve(*, yaml_path: str | Path | None = None, overrides: Iterable[str] = (
     cfg = merge(defaults, user)
     if cfg["mixed_precision"] is False:  # YAML 1.1 reads a bare `no` as false
         cfg["mixed_precision"] = "no"
+    if cfg["guard"]["on_nonfinite"] is False:  # and a bare `off` as false
+        cfg["guard"]["on_nonfinite"] = "off"
     validate(cfg)
     return cfg
 
@@ -192,6 +203,14 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError(f"'mixed_precision' must be no, fp16 or bf16, got {cfg['mixed_precision']!r}")
     if cfg["schedule"] not in ("cosine", "onecycle", "constant"):
         raise ConfigError(f"'schedule' must be cosine, onecycle or constant, got {cfg['schedule']!r}")
+    guard = cfg["guard"]
+    if guard["on_nonfinite"] not in ("stop", "restore", "skip", "off"):
+        raise ConfigError(f"'guard.on_nonfinite' must be stop, restore, skip or off, got {guard['on_nonfinite']!r}")
+    positive("guard.every", guard["every"])
+    positive("guard.max_restores", guard["max_restores"], allow_zero=True)
+    positive("guard.max_skips", guard["max_skips"], allow_zero=True)
+    if not 0.0 < float(guard["lr_factor"]) <= 1.0:
+        raise ConfigError(f"'guard.lr_factor' must be in (0, 1], got {guard['lr_factor']!r}")
     if not 0.0 <= float(cfg["warmup"]) < 1.0:
         raise ConfigError(f"'warmup' is a fraction of the steps in [0, 1), got {cfg['warmup']!r}")
 

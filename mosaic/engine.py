@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from mosaic import config as config_lib
 from mosaic.augment import Augment, to_float
 from mosaic.data import ImageSet, load_image_set
+from mosaic.guard import DivergenceError, Guard, scale_learning_rates
 from mosaic.methods import Context, get_method
 from mosaic.models import CheckpointError, create_model, freeze, load_model, load_state, save_model
 from mosaic.stream import Stream
@@ -77,16 +78,20 @@ def lr_factor(step: int, total: int, *, kind: str, warmup: float) -> float:
 
 
 class Progress:
-    """The step counter, checkpointed with the run."""
+    """The step counter and the divergence guard's restore count, checkpointed with the run."""
 
     def __init__(self) -> None:
         self.step = 0
+        self.restores = 0      # times the guard went back to a checkpoint
+        self.lr_scale = 1.0    # learning-rate multiplier those restores applied
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "restores": self.restores, "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.restores = int(state.get("restores", 0))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -106,13 +111,19 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def prepare_run_dir(cfg: dict, accelerator) -> Path:
-    """Create the run folder, refusing to clobber an existing run unless resume/overwrite is set."""
+def check_run_dir(cfg: dict) -> Path:
+    """The run folder, refused when it holds a run and neither resume nor overwrite is set; creates nothing."""
     folder = run_dir(cfg)
-    exists = folder.exists() and any(folder.iterdir())
-    if exists and not cfg["resume"] and not cfg["overwrite"]:
+    if folder.exists() and any(folder.iterdir()) and not cfg["resume"] and not cfg["overwrite"]:
         raise RunError(f"run folder '{folder}' already exists: pass resume=true to continue it, "
                        f"overwrite=true to start again, or name=<new name>")
+    return folder
+
+
+def prepare_run_dir(cfg: dict, accelerator) -> Path:
+    """Create the run folder (after every input was checked), clearing it first when overwrite is set."""
+    folder = check_run_dir(cfg)
+    exists = folder.exists() and any(folder.iterdir())
     if accelerator.is_main_process:
         if exists and cfg["overwrite"] and not cfg["resume"]:
             shutil.rmtree(folder)
@@ -131,9 +142,8 @@ class MetricLog:
         self.tb = None
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if resume_step is not None:  # drop lines written after the checkpoint
+            self.truncate(resume_step)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         try:
@@ -141,6 +151,13 @@ class MetricLog:
             self.tb = SummaryWriter(str(folder / "tensorboard"))
         except Exception:  # tensorboard is optional
             self.tb = None
+
+    def truncate(self, step: int) -> None:
+        """Drop the lines written after `step` (the run went back to a checkpoint at that step)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -309,6 +326,16 @@ def select_ood(ood: ImageSet, ctx: Context, *, keep: int, teacher_file: str | No
                     mean=ood.mean, std=ood.std)
 
 
+def per_process_batch(cfg: dict, processes: int) -> int:
+    """Images per process and stream per step: batch_size, or batch_size / processes when global_batch."""
+    if not cfg["global_batch"]:
+        return cfg["batch_size"]
+    if cfg["batch_size"] % processes:
+        raise RunError(f"global_batch=true splits batch_size={cfg['batch_size']} over {processes} processes, "
+                       f"which does not divide it: use a multiple of {processes}")
+    return cfg["batch_size"] // processes
+
+
 def _atomic_save_state(accelerator, folder: Path, step: int, keep: int) -> None:
     """Save the full training state to checkpoints/step_N atomically and prune old checkpoints."""
     root = folder / "checkpoints"
@@ -321,11 +348,28 @@ def _atomic_save_state(accelerator, folder: Path, step: int, keep: int) -> None:
     if accelerator.is_main_process:
         (tmp / "DONE").write_text(str(step))
         if final.exists():
+            (final / "DONE").unlink(missing_ok=True)
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in checkpoints(folder)[:-keep]:
+            (old / "DONE").unlink()  # first, so a kill mid-delete never leaves a "complete" half
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def load_latest_checkpoint(accelerator, folder: Path) -> Path | None:
+    """Load the newest checkpoint that loads; a damaged one is reported and the one before it used."""
+    import warnings
+
+    for ckpt in reversed(checkpoints(folder)):
+        try:
+            accelerator.load_state(str(ckpt))
+            return ckpt
+        except Exception as err:  # a damaged checkpoint: fall back to the previous one
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            warnings.warn(f"checkpoint '{ckpt}' could not be loaded ({type(err).__name__}: {first[:200]}); "
+                          f"trying the one before it", stacklevel=2)
+    return None
 
 
 def _save_grid(images: Tensor | None, path: Path) -> None:
@@ -370,19 +414,18 @@ def train(cfg: dict) -> dict[str, Any]:
     accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision=cfg["mixed_precision"])
     main = accelerator.is_main_process
     set_seed(cfg["seed"], device_specific=True)  # ranks differ: noise and augmentation are per process
-    folder = prepare_run_dir(cfg, accelerator)
+    check_run_dir(cfg)  # refuse early; the folder itself is made once every input has been checked
     device = accelerator.device
 
     sets = _load_data(cfg, needs, accelerator)
     teacher, teacher_meta = _teacher(cfg, sets, getattr(method_cls, "requires_teacher", True))
     num_classes, mean, std = _check_task(cfg, sets, teacher_meta)
+    batch_size = per_process_batch(cfg, accelerator.num_processes)
     steps = cfg["steps"]
     if cfg["epochs"] is not None and "train" in sets:
-        per_step = cfg["batch_size"] * needs["train"] * accelerator.num_processes
+        per_step = batch_size * needs["train"] * accelerator.num_processes
         steps = max(1, math.ceil(cfg["epochs"] * len(sets["train"]) / per_step))
     cfg = {**cfg, "steps": steps}
-    if main:
-        config_lib.dump(cfg, folder / "config.yaml")
 
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     if teacher is not None:
@@ -395,22 +438,40 @@ def train(cfg: dict) -> dict[str, Any]:
     ctx = Context(cfg=cfg, opts=cfg.get(cfg["method"], {}), teacher=teacher, student=student,
                   num_classes=num_classes, image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"],
                   mean=torch.tensor(mean, device=device), std=torch.tensor(std, device=device), device=device,
-                  accelerator=accelerator, steps=steps, batch_size=cfg["batch_size"])
+                  accelerator=accelerator, steps=steps, batch_size=batch_size)
     method = method_cls(ctx)
+    folder = prepare_run_dir(cfg, accelerator)
+    if main:
+        config_lib.dump(cfg, folder / "config.yaml")
 
     # Players: prepared by Accelerate (device placement, DDP, precision), each optimizer given the schedule.
+    guard_cfg = cfg["guard"]
+    guard = Guard(mode=guard_cfg["on_nonfinite"], every=guard_cfg["every"], max_skips=guard_cfg["max_skips"],
+                  device=device)
     schedulers = []
     for name in method.players:
         module = getattr(method, name)
+        if cfg["sync_bn"] and accelerator.num_processes > 1:
+            if device.type == "cpu":
+                raise RunError("sync_bn=true needs GPUs (torch's SyncBatchNorm does not run on CPU): "
+                               "set sync_bn=false for CPU processes")
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # same parameter objects
         if cfg["channels_last"]:
             module = module.to(memory_format=torch.channels_last)
-        setattr(method, name, accelerator.prepare(module))
+        module = accelerator.prepare(module)
+        if cfg["compile"]:
+            module = torch.compile(module)
+        setattr(method, name, module)
         opt = getattr(method, f"{name}_opt", None)
         if opt is not None:
             schedulers.append(torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda i: lr_factor(i, steps, kind=cfg["schedule"], warmup=float(cfg["warmup"]))))
-            setattr(method, f"{name}_opt", accelerator.prepare(opt))
+            opt = accelerator.prepare(opt)
+            if cfg["mixed_precision"] != "fp16":  # under fp16 the gradient scaler already drops such steps
+                guard.wrap_optimizer(name, opt)
+            setattr(method, f"{name}_opt", opt)
     ctx.student = method.student if "student" in method.players else ctx.student
+    players = {name: accelerator.unwrap_model(getattr(method, name)) for name in method.players}
 
     d = cfg["data"]
     if "ood" in sets and d["ood_select"] and teacher is not None:
@@ -427,19 +488,48 @@ def train(cfg: dict) -> dict[str, Any]:
 
     resume_step = None
     if cfg["resume"]:
-        found = checkpoints(folder)
-        if found:
-            accelerator.load_state(str(found[-1]))
+        found = load_latest_checkpoint(accelerator, folder)
+        if found is not None:
             resume_step = progress.step
             if main:
                 print(f"resumed {folder} from step {resume_step}")
         elif main:
-            print(f"resume=true but {folder} has no checkpoint: starting from step 0")
+            print(f"resume=true but {folder} has no usable checkpoint: starting from step 0")
     log = MetricLog(folder, enabled=main, resume_step=resume_step)
     evaluator = Evaluator(sets["test"], ctx, batch_size=cfg["eval_batch_size"]) if "test" in sets else None
+    if guard.mode == "restore" and not checkpoints(folder):
+        _atomic_save_state(accelerator, folder, progress.step, cfg["keep_ckpts"])  # something to go back to
 
     def due(every: int, step: int) -> bool:
         return every > 0 and step % every == 0 and step != steps
+
+    def check_guard(step: int) -> bool:
+        """Act on non-finite values; True when the run went back to a checkpoint."""
+        problem = guard.problems(players)
+        flag = torch.tensor(float(problem is not None), device=device)
+        if accelerator.reduce(flag, reduction="sum").item() == 0:  # every rank takes the same decision
+            return False
+        problem = problem or "another process saw non-finite values"
+        where = f"run '{folder}' diverged at or before step {step}: {problem}"
+        if guard.mode != "restore" or progress.restores >= guard_cfg["max_restores"]:
+            tried = f" after {progress.restores} restore(s)" if guard.mode == "restore" else ""
+            raise DivergenceError(f"{where}{tried}. Lower the learning rates (student.lr, <method>.lr_*), "
+                                  f"or set guard.on_nonfinite=restore to go back and continue with lower ones")
+        restores = progress.restores + 1
+        ckpt = load_latest_checkpoint(accelerator, folder)
+        if ckpt is None:
+            raise DivergenceError(f"{where}; no checkpoint to restore")
+        target = guard_cfg["lr_factor"] ** restores
+        scale_learning_rates(schedulers, target / progress.lr_scale)  # the checkpoint has its own scale
+        progress.restores, progress.lr_scale = restores, target
+        guard.reset()
+        log.truncate(progress.step)
+        log.write(progress.step, {"guard/restored_from": progress.step, "guard/restores": restores,
+                                  "guard/lr_scale": target})
+        if main:
+            print(f"warning: {where}; restored {ckpt.name} with learning rates x{target:g}")
+        bar.n = progress.step
+        return True
 
     sums: dict[str, Tensor] = {}
     count, last_eval, t_start = 0, {}, time.time()
@@ -449,7 +539,7 @@ def train(cfg: dict) -> dict[str, Any]:
         while progress.step < steps:
             batch: dict[str, Tensor] = {}
             for key, n in needs.items():
-                x, y = streams[key].next(n * cfg["batch_size"])
+                x, y = streams[key].next(n * batch_size)
                 batch[key] = x
                 if y is not None:
                     batch[f"{key}_labels"] = y
@@ -459,10 +549,15 @@ def train(cfg: dict) -> dict[str, Any]:
                 sched.step()
             progress.step += 1
             step = progress.step
+            guard.observe(losses, step)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
             count += 1
             bar.update(1)
+            saving = due(cfg["ckpt_every"], step) or stop.requested
+            if guard.enabled and (step % guard.every == 0 or saving or step == steps) and check_guard(step):
+                sums, count = {}, 0
+                continue
             if (cfg["log_every"] and step % cfg["log_every"] == 0) or step == steps:
                 values = {k: float(accelerator.reduce(v / count, reduction="mean").item()) for k, v in sums.items()}
                 if schedulers:
@@ -476,7 +571,7 @@ def train(cfg: dict) -> dict[str, Any]:
                 log.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
             if main and due(cfg["sample_every"], step):
                 _save_grid(method.sample_images(64), folder / "samples" / f"step_{step:08d}.png")
-            if due(cfg["ckpt_every"], step) or stop.requested:
+            if saving:
                 _atomic_save_state(accelerator, folder, step, cfg["keep_ckpts"])
             if stop.requested:
                 bar.close()
@@ -499,8 +594,12 @@ def train(cfg: dict) -> dict[str, Any]:
     results = {
         "method": cfg["method"], "student": s["arch"], "teacher": teacher_meta.get("arch"),
         "steps": steps, "wall_s": round(wall, 2), "device": _device_name(device),
-        "processes": accelerator.num_processes, **last_eval, "final_losses": last_losses, **method.results(),
+        "processes": accelerator.num_processes, "global_batch": batch_size * accelerator.num_processes,
+        **last_eval, "final_losses": last_losses, **method.results(),
     }
+    if guard.enabled:
+        results["guard"] = {"restores": progress.restores, "lr_scale": progress.lr_scale,
+                            "skipped_updates": len(guard.skipped), "first_skips": guard.skipped[:10]}
     if main:
         model = accelerator.unwrap_model(method.eval_model())
         meta = {"arch": s["arch"], "num_classes": num_classes, "in_chans": d["channels"],
