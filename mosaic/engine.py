@@ -122,9 +122,11 @@ def check_run_dir(cfg: dict) -> Path:
 
 def prepare_run_dir(cfg: dict, accelerator) -> Path:
     """Create the run folder (after every input was checked), clearing it first when overwrite is set."""
-    folder = check_run_dir(cfg)
-    exists = folder.exists() and any(folder.iterdir())
+    folder = run_dir(cfg)
+    accelerator.wait_for_everyone()  # every rank has passed check_run_dir before the main one creates it
     if accelerator.is_main_process:
+        check_run_dir(cfg)
+        exists = folder.exists() and any(folder.iterdir())
         if exists and cfg["overwrite"] and not cfg["resume"]:
             shutil.rmtree(folder)
         for sub in ("checkpoints", "samples"):
