@@ -3,12 +3,14 @@
     mosaic train-teacher [config.yaml] [key=value ...]
     mosaic distill [config.yaml] [key=value ...]
     mosaic evaluate MODEL [key=value ...]
+    mosaic anomaly fit|score [...]              # MKD anomaly detection (mosaic/anomaly/cli.py)
     accelerate launch -m mosaic distill ...      # several processes / GPUs / machines
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -61,8 +63,9 @@ def _cmd_train(items: Sequence[str], *, base: dict | None, print_config: bool) -
         return 0
     from mosaic.engine import run_dir, train
     results = train(cfg)
-    print(json.dumps(results, indent=2))
-    print(f"run folder: {run_dir(cfg)}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one report per run, not one per process
+        print(json.dumps(results, indent=2))
+        print(f"run folder: {run_dir(cfg)}")
     return 0
 
 
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Top-1 of a saved model (and agreement with a teacher). Example: {EXAMPLES['evaluate']}")
     p.add_argument("model", help="model.safetensors (with its .json) or a run folder")
     p.add_argument("args", nargs="*", metavar="key=value", help="overrides, e.g. data.test=cifar10 teacher=PATH")
+    from mosaic.anomaly.cli import add_parser as add_anomaly_parser
+    add_anomaly_parser(sub)  # mosaic anomaly fit / score
     sub.add_parser("list-models", help="the CIFAR-style networks registered in timm (any timm name also works)")
     sub.add_parser("list-methods", help="registered distillation methods")
     return parser
@@ -108,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train(args.args, base={}, print_config=args.print_config)
         if args.command == "evaluate":
             return _cmd_evaluate(args.model, args.args)
+        if args.command == "anomaly":
+            from mosaic.anomaly.cli import run as run_anomaly
+            return run_anomaly(args)
         if args.command == "list-models":
             from mosaic.models import list_cifar_models
             print("\n".join(list_cifar_models()))

@@ -41,15 +41,16 @@ def launch(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_for_checkpoint(folder: Path, step: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until the run has a complete checkpoint at `step` or later (older ones get pruned)."""
     t0 = time.time()
-    while not path.exists():
+    while not any(int(p.name.split("_")[1]) >= step for p in checkpoints(folder)):
         if proc.poll() is not None:
-            raise AssertionError(f"run ended before {path} appeared:\n{proc.stdout.read()}")
+            raise AssertionError(f"run ended before its step-{step} checkpoint:\n{proc.stdout.read()}")
         if time.time() - t0 > timeout:
             proc.kill()
-            raise AssertionError(f"{path} did not appear in {timeout}s")
-        time.sleep(0.02)
+            raise AssertionError(f"no step-{step} checkpoint in {timeout}s")
+        time.sleep(0.01)
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -66,12 +67,13 @@ def test_killed_run_resumes_to_the_same_result(tiny_task, tiny_teacher, tmp_path
     steps = 60
     args = overrides(tiny_task, tmp_path, tiny_teacher, steps=steps, ckpt_every=5)
     killed = launch([*args, "name=killed"])
-    wait_for(tmp_path / "killed" / "checkpoints" / "step_00000005" / "DONE", killed)
-    delay = random.Random().uniform(0.0, 0.3)  # a random point after the first checkpoint
+    rng = random.Random()  # a random point: after a random checkpoint, plus a random fraction of a step or two
+    after, delay = rng.choice(range(5, 41, 5)), rng.uniform(0.0, 0.1)
+    wait_for_checkpoint(tmp_path / "killed", after, killed)
     time.sleep(delay)
     killed.send_signal(sig)
     out = killed.communicate(timeout=120)[0]
-    assert killed.returncode != 0, f"the run finished before the signal (delay {delay:.2f}s):\n{out}"
+    assert killed.returncode != 0, f"the run finished before the signal ({after}, {delay:.2f}s):\n{out}"
     done = checkpoints(tmp_path / "killed")
     assert done, "a checkpoint survived"
     last = int(done[-1].name.split("_")[1])

@@ -1,0 +1,254 @@
+"""Tests for MKD anomaly detection: losses, ROC-AUC, detection and localisation on a toy task, and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mosaic.anomaly.localize import colorize, localization_maps, smooth_map
+from mosaic.anomaly.losses import direction_loss, mkd_loss, value_loss
+from mosaic.anomaly.mkd import MKD, build_mkd, load_mkd, save_mkd
+from mosaic.anomaly.roc import average_ranks, roc_auc
+from mosaic.anomaly.train import fit, score_images, source_targets
+from mosaic.cli import main
+from mosaic.models import ModelError, create_model, save_model
+
+SIZE = 16  # toy image side
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _toy_features():
+    """Two images, two layers: a (2, 2) map and a (2, 1, 1, 2) map."""
+    source = [torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[[[3.0, 4.0]]], [[[1.0, 0.0]]]])]
+    cloner = [torch.tensor([[1.0, 1.0], [0.0, 1.0]]), torch.tensor([[[[3.0, 4.0]]], [[[0.0, 1.0]]]])]
+    return source, cloner
+
+
+def test_value_loss_matches_hand_computation():
+    source, cloner = _toy_features()
+    # image 0: layer 1 ((0)^2 + (-1)^2) / 2 = 0.5, layer 2 identical = 0; image 1: (0 + 1) / 2 + (1 + 1) / 2 = 1.5
+    assert torch.allclose(value_loss(source, cloner), torch.tensor([0.5, 1.5]))
+
+
+def test_direction_loss_matches_hand_computation():
+    source, cloner = _toy_features()
+    # image 0: cos([1,0],[1,1]) = 1/sqrt2, cos([3,4],[3,4]) = 1; image 1: cos([0,2],[0,1]) = 1, cos([1,0],[0,1]) = 0
+    expected = torch.tensor([1 - 1 / math.sqrt(2), 1.0])
+    assert torch.allclose(direction_loss(source, cloner), expected)
+    total = mkd_loss(source, cloner, lambda_dir=0.5)
+    assert torch.allclose(total, torch.tensor([0.5, 1.5]) + 0.5 * expected)
+    assert torch.allclose(mkd_loss(source, cloner), torch.tensor([0.5, 1.5]) + 0.01 * expected)  # paper default
+
+
+def test_losses_reject_mismatched_features():
+    source, cloner = _toy_features()
+    with pytest.raises(ValueError, match="critical layer 1"):
+        value_loss(source, [cloner[0], cloner[1][:, :, :, :1]])
+    with pytest.raises(ValueError, match="one cloner feature per source feature"):
+        direction_loss(source, cloner[:1])
+
+
+# ----------------------------------------------------------------------------- ROC-AUC
+
+
+def test_roc_auc_hand_cases_with_ties():
+    assert roc_auc(torch.tensor([0.1, 0.4, 0.4, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.875)
+    assert roc_auc(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 1, 1])) == pytest.approx(1.0)
+    assert roc_auc(torch.tensor([0.3, 0.2, 0.1]), torch.tensor([0, 1, 1])) == pytest.approx(0.0)
+    assert roc_auc(torch.ones(6), torch.tensor([0, 1, 0, 1, 1, 0])) == pytest.approx(0.5)
+    assert average_ranks(torch.tensor([5.0, 1.0, 5.0, 3.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_roc_auc_equals_pairwise_count():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (60,), generator=gen).float()  # many ties
+    labels = torch.randint(0, 2, (60,), generator=gen)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = (pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()
+    assert roc_auc(scores, labels) == pytest.approx(float(pairs.mean()))
+
+
+def test_roc_auc_needs_both_classes():
+    with pytest.raises(ValueError, match="both classes"):
+        roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="one label per score"):
+        roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([1]))
+
+
+# ----------------------------------------------------------------------------- toy detection and localisation
+
+
+def smooth_images(n: int, *, seed: int) -> torch.Tensor:
+    """Normal toy images: bilinear up-sampled 4x4 colour noise (smooth), uint8 (n, 3, SIZE, SIZE)."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=gen)
+    x = torch.nn.functional.interpolate(low, size=(SIZE, SIZE), mode="bilinear", align_corners=True)
+    return (x * 255).round().to(torch.uint8)
+
+
+def paste_patches(images: torch.Tensor, *, seed: int, side: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of `images` with a pixel-noise patch pasted at a random place, and the patch masks (n, H, W)."""
+    gen = torch.Generator().manual_seed(seed)
+    out, masks = images.clone(), torch.zeros(len(images), SIZE, SIZE, dtype=torch.bool)
+    for i in range(len(images)):
+        top, left = torch.randint(1, SIZE - side - 1, (2,), generator=gen).tolist()
+        noise = torch.randint(0, 256, (3, side, side), generator=gen).to(torch.uint8)
+        out[i, :, top:top + side, left:left + side] = noise
+        masks[i, top:top + side, left:left + side] = True
+    return out, masks
+
+
+def toy_pair(seed: int = 0, *, adapter: bool = False, cloner: str = "cnn_tiny") -> MKD:
+    """Source: a fixed random cnn_tiny (frozen); cloner: a fresh network; critical layers layer1, layer2."""
+    torch.manual_seed(seed)
+    source = create_model("cnn_tiny", num_classes=3)
+    clone = create_model(cloner, num_classes=1)
+    layers = ["layer1", "layer2"]
+    return MKD(source, clone, source_layers=layers, cloner_layers=layers, adapter=adapter,
+               mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def fitted_pair() -> MKD:
+    """A toy pair whose cloner was fitted 150 steps on smooth images."""
+    mkd = toy_pair()
+    stats = fit(mkd, smooth_images(160, seed=1), epochs=30, batch_size=32, lr=3e-3, cpu=True, progress=False)
+    assert stats["steps"] == 150 and stats["loss_last"] < stats["loss_first"]
+    return mkd
+
+
+def test_pasted_patch_scores_higher_than_clean(fitted_pair):
+    clean = smooth_images(48, seed=2)
+    patched, _ = paste_patches(clean, seed=3)
+    scores = score_images(fitted_pair, torch.cat([clean, patched]))
+    labels = torch.cat([torch.zeros(48), torch.ones(48)])
+    assert roc_auc(scores, labels) > 0.95
+    assert bool((scores[48:] > scores[:48]).float().mean() > 0.9)  # pairwise: same image with and without the patch
+
+
+def test_precomputed_targets_give_the_same_scores(fitted_pair):
+    images = smooth_images(10, seed=4)
+    shared = source_targets(fitted_pair, images)
+    assert torch.allclose(score_images(fitted_pair, images), score_images(fitted_pair, images, targets=shared))
+
+
+def test_localisation_peaks_inside_the_patch(fitted_pair):
+    patched, masks = paste_patches(smooth_images(24, seed=5), seed=6)
+    maps = localization_maps(fitted_pair, patched, reduce="sum", sigma=1.0, opening=3)
+    assert maps.shape == (24, SIZE, SIZE)
+    peaks = maps.flatten(1).argmax(1)
+    inside = masks.flatten(1)[torch.arange(24), peaks]
+    assert float(inside.float().mean()) >= 0.8
+    assert roc_auc(maps, masks) > 0.85
+    assert localization_maps(fitted_pair, patched[:2], reduce="max").shape == (2, SIZE, SIZE)
+
+
+def test_smoothing_and_colour_map():
+    spike = torch.zeros(1, 9, 9)
+    spike[0, 4, 4] = 1.0
+    assert float(smooth_map(spike, sigma=0, opening=3).abs().max()) == 0.0  # opening removes a lone pixel
+    blurred = smooth_map(spike, sigma=1.0, opening=0)
+    assert blurred.shape == spike.shape and float(blurred.sum()) == pytest.approx(1.0, abs=1e-5)
+    rgb = colorize(torch.tensor([[[0.0, 0.5, 1.0]]]))
+    assert rgb.shape == (1, 3, 1, 3)
+    assert rgb[0, :, 0, 0].tolist() == [0.0, 0.0, 0.5]  # low: dark blue
+    assert rgb[0, :, 0, 2].tolist() == [0.5, 0.0, 0.0]  # high: dark red
+    assert rgb[0, 1, 0, 1] == 1.0  # middle: green
+
+
+# ----------------------------------------------------------------------------- pair construction
+
+
+def test_channel_mismatch_needs_an_adapter():
+    with pytest.raises(ModelError, match="adapter=true"):
+        toy_pair(cloner="cnn_small")
+    mkd = toy_pair(cloner="cnn_small", adapter=True)
+    assert mkd(torch.rand(2, 3, SIZE, SIZE)).shape == (2,)
+
+
+def _source_checkpoint(folder, arch: str = "cnn_tiny"):
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=3)
+    meta = {"arch": arch, "num_classes": 3, "in_chans": 3, "image_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_model(model, folder / "model.safetensors", meta=meta)
+    return folder
+
+
+def test_build_save_load_round_trip_with_adapters(tmp_path):
+    source = _source_checkpoint(tmp_path / "source", "cnn_small")
+    with pytest.raises(ModelError, match="spatial size"):  # cnn_small's layer3 (2x2) has no cnn_tiny counterpart
+        build_mkd(source, cloner="cnn_tiny")
+    mkd = build_mkd(source, cloner="cnn_tiny", layers="layer1,layer2", adapter=True, lambda_dir=0.1)
+    assert mkd.source_layers == ["layer1", "layer2"] and mkd.cloner_layers == ["layer1", "layer2"]
+    for p in mkd.adapters.parameters():
+        torch.nn.init.normal_(p)
+    save_mkd(mkd, tmp_path / "pair", options={"note": "test"})
+    again = load_mkd(tmp_path / "pair")
+    images = smooth_images(4, seed=7)
+    assert torch.allclose(score_images(mkd, images), score_images(again, images))
+    assert again.lambda_dir == 0.1 and json.loads((tmp_path / "pair" / "mkd.json").read_text())["options"]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _write_pngs(folder, images: torch.Tensor) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+
+
+def test_cli_fit_and_score_round_trip(tmp_path, capsys):
+    source = _source_checkpoint(tmp_path / "source")
+    _write_pngs(tmp_path / "normal", smooth_images(32, seed=8))
+    clean = smooth_images(8, seed=9)
+    patched, masks = paste_patches(smooth_images(8, seed=10), seed=11)
+    _write_pngs(tmp_path / "test" / "good", clean)
+    _write_pngs(tmp_path / "test" / "patch", patched)
+    for name, m in (("good", torch.zeros(8, SIZE, SIZE, dtype=torch.bool)), ("patch", masks)):
+        (tmp_path / "masks" / name).mkdir(parents=True)
+        for i, mask in enumerate(m):
+            Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(tmp_path / "masks" / name / f"{i:03d}.png")
+    out = tmp_path / "pair"
+    fit_args = ["anomaly", "fit", f"source={source}", f"data={tmp_path / 'normal'}", f"out={out}", "epochs=4",
+                "batch_size=8", "cpu=true", "progress=false", "cache=false"]
+    assert main(fit_args) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["images"] == 32 and fitted["steps"] == 16
+    assert (out / "model.safetensors").is_file() and (out / "model.json").is_file()
+    record = json.loads((out / "mkd.json").read_text())
+    assert record["source_layers"] == ["layer1", "layer2"] and record["options"]["epochs"] == 4
+
+    assert main(["anomaly", "score", str(out), f"data={tmp_path / 'test'}", f"masks={tmp_path / 'masks'}",
+                 "heatmaps=4", "cpu=true", "cache=false"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 16 and result["anomalous"] == 8  # class 'good' is the normal one
+    assert 0.0 <= result["auroc"] <= 1.0 and 0.0 <= result["pixel_auroc"] <= 1.0
+    rows = list(csv.DictReader((out / "scores" / "scores.csv").open()))
+    assert len(rows) == 16 and rows[0]["class"] == "good" and rows[0]["anomalous"] == "0"
+    assert rows[-1]["anomalous"] == "1" and float(rows[-1]["score"]) > 0
+    assert (out / "scores" / "heatmaps.png").is_file() and (out / "scores" / "metrics.json").is_file()
+
+    assert main(fit_args) == 2  # the output folder exists
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    source = _source_checkpoint(tmp_path / "source")
+    (tmp_path / "empty").mkdir()
+    assert main(["anomaly", "fit", f"source={source}", f"data={tmp_path / 'empty'}", f"out={tmp_path / 'o'}",
+                 "cpu=true", "progress=false", "cache=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no image files" in err and len(err.strip().splitlines()) == 1
+    assert main(["anomaly", "fit", f"source={source}", "epoch=3"]) == 2
+    assert "did you mean epochs" in capsys.readouterr().err
+    assert main(["anomaly", "score", str(tmp_path / "nowhere"), "data=x"]) == 2
+    assert "not an MKD folder" in capsys.readouterr().err
