@@ -10,21 +10,26 @@ iteration = 1 D step, 1 G step, then `student_steps` S steps:
         + balance * sum_c pbar_c log2 pbar_c         # balanced classes (reference code uses log2)
         - adv * KL(T(G(z)) || S(G(z)))               # DRO: seek images where T and S disagree
     L_S = T^2 * KL(T(x)/T || S(x)/T),  x = G(z) and OOD images
+
+Speed switches (options below) change how the step runs, never what it computes: at equal
+seed on CPU fp32 the losses match with them on or off (tests/test_speed_switches.py).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterator, Sequence
 
 import kornia.augmentation as K
 import torch
 from einops import repeat
-from torch import Tensor
+from torch import Tensor, nn
 
 from mosaic.config import ConfigError
 from mosaic.losses import balance_loss, entropy, kd_loss, patch_gan_loss
 from mosaic.methods import Context, Method, no_param_grad, register_method
 from mosaic.methods.supervised import sgd
 from mosaic.players import Generator, PatchDiscriminator
+from mosaic.players.patches import random_patches
 
 
 @register_method("mosaic")
@@ -46,6 +51,12 @@ class MosaicKD(Method):
         "lr_g": 1e-3,           # Adam learning rate of G and D
         "betas": [0.5, 0.999],  # Adam betas of G and D
         "synthetic_batch": None,  # generated images per step (null: batch_size)
+        # speed switches (same algorithm, same random draws):
+        "fast_crop": True,      # crops by one gather, kornia's random draws (false: kornia RandomCrop, slice per crop)
+        "batch_teacher": None,  # one frozen-teacher forward for all student steps (false: one per step; null: on
+                                #   except on CPU, where it only raises peak memory)
+        "inference_mode": True, # teacher targets of the student steps under torch.inference_mode (false: no_grad)
+        "fused_optim": True,    # fused Adam/SGD kernels where the device has them (false: foreach kernels)
     }
     players = ("generator", "discriminator", "student")
 
@@ -65,13 +76,23 @@ class MosaicKD(Method):
         self.generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size,
                                    channels=ctx.channels).to(ctx.device)
         self.discriminator = PatchDiscriminator(channels=ctx.channels, ndf=o["ndf"]).to(ctx.device)
-        betas = tuple(o["betas"])
-        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=o["lr_g"], betas=betas, foreach=True)
-        self.discriminator_opt = torch.optim.Adam(self.discriminator.parameters(), lr=o["lr_g"], betas=betas,
-                                                  foreach=True)
-        self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
+        adam = {"lr": o["lr_g"], "betas": tuple(o["betas"])}
+        self.generator_opt = make_optimizer(torch.optim.Adam, self.generator.parameters(), fused=o["fused_optim"],
+                                            **adam)
+        self.discriminator_opt = make_optimizer(torch.optim.Adam, self.discriminator.parameters(),
+                                                fused=o["fused_optim"], **adam)
+        if o["fused_optim"]:
+            sc = ctx.cfg["student"]
+            self.student_opt = make_optimizer(torch.optim.SGD, self.student.parameters(), fused=True, lr=sc["lr"],
+                                              momentum=sc["momentum"], weight_decay=sc["weight_decay"],
+                                              nesterov=sc["nesterov"])
+        else:
+            self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
         self.crop = K.RandomCrop((o["patch_size"], o["patch_size"]))
         self.synthetic_batch = o["synthetic_batch"] or ctx.batch_size
+        self._compiled: dict[int, tuple[nn.Module, Callable]] = {}
+        batched = o["batch_teacher"]
+        self.batch_teacher = ctx.device.type != "cpu" if batched is None else bool(batched)
 
     @classmethod
     def stream_needs(cls, opts: dict) -> dict[str, int]:
@@ -80,7 +101,22 @@ class MosaicKD(Method):
 
     def crops(self, images: Tensor) -> Tensor:
         """`patches` random patch_size crops of every image, stacked along the batch."""
+        if self.opts["fast_crop"]:
+            return random_patches(images, patch_size=self.opts["patch_size"], copies=self.opts["patches"])
         return self.crop(repeat(images, "b c h w -> (n b) c h w", n=self.opts["patches"]))
+
+    def run(self, module: nn.Module) -> Callable[..., Tensor]:
+        """`module` itself, or its torch.compile'd twin (made once, shares the parameters) under `compile=true`.
+
+        The engine compiles the prepared players; this covers what it cannot: the teacher and
+        the unwrapped student and discriminator of the generator step.
+        """
+        if not self.ctx.cfg.get("compile") or isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            return module
+        held = self._compiled.get(id(module))
+        if held is None or held[0] is not module:
+            held = self._compiled[id(module)] = (module, torch.compile(module))
+        return held[1]
 
     def local_loss(self, logits: Tensor, *, real: bool) -> Tensor:
         """The patch-GAN loss with this run's reduction over each crop's logit map."""
@@ -92,9 +128,10 @@ class MosaicKD(Method):
         Student and discriminator run unwrapped here: they only pass gradients to the
         generator, so a distributed wrapper must not wait for their parameter gradients.
         """
-        student, disc = self.accelerator.unwrap_model(self.student), self.accelerator.unwrap_model(self.discriminator)
+        student = self.run(self.accelerator.unwrap_model(self.student))
+        disc = self.run(self.accelerator.unwrap_model(self.discriminator))
         x = self.ctx.normalize(fake)
-        t_logits = self.teacher(x)
+        t_logits = self.run(self.teacher)(x)  # one teacher forward feeds the align, balance and adversarial terms
         s_logits = student(x)
         return {
             "g_local": self.local_loss(disc(self.crops(fake)), real=True),
@@ -106,7 +143,7 @@ class MosaicKD(Method):
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         o, B = self.opts, self.ctx.batch_size
         ood = batch["ood"].split(B)
-        D, S = self.discriminator, self.student
+        D, S = self.run(self.discriminator), self.run(self.student)
 
         # 1. Patch discrimination: real OOD crops -> 1, generated crops -> 0.
         fake = self._generate(self.synthetic_batch)
@@ -118,7 +155,7 @@ class MosaicKD(Method):
         self.discriminator_opt.step()
 
         # 2. Generation: mosaic OOD patches into images the teacher finds in-domain and the student gets wrong.
-        with no_param_grad(D, S):
+        with no_param_grad(self.discriminator, self.student):
             g = self.generator_losses(fake)
             loss_g = (o["lambda_local"] * g["g_local"] + o["lambda_align"] * g["g_align"]
                       + o["lambda_balance"] * g["g_balance"] + o["lambda_adv"] * g["g_adv"])
@@ -127,11 +164,7 @@ class MosaicKD(Method):
         self.generator_opt.step()
 
         # 3. Distillation on fresh generated images plus OOD images.
-        for k in range(o["student_steps"]):
-            with torch.no_grad():
-                gen = self._generate(self.synthetic_batch)
-                x = self.ctx.normalize(torch.cat([gen, ood[1 + k]]))
-                t_logits = self.teacher(x)
+        for x, t_logits in self._distillation_batches(ood[1:]):
             loss_s = kd_loss(S(x), t_logits, temperature=o["temperature"])
             self.student_opt.zero_grad(set_to_none=True)
             self.backward(loss_s)
@@ -141,11 +174,47 @@ class MosaicKD(Method):
         out.update({k: v.detach() for k, v in g.items()})
         return out
 
+    def _distillation_batches(self, ood: Sequence[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+        """(normalised inputs, teacher logits) of each student step: fresh generated images plus one OOD batch.
+
+        G does not change during the student steps, so under mosaic.batch_teacher every step's
+        images are generated first (in the same order, from the same noise draws) and the frozen
+        teacher, in eval mode, labels them all in one forward.
+        """
+        teacher = self.run(self.teacher)
+        targets = torch.inference_mode if self.opts["inference_mode"] else torch.no_grad
+        steps = range(self.opts["student_steps"])
+        if not self.batch_teacher:
+            for k in steps:
+                with torch.no_grad():
+                    x = self.ctx.normalize(torch.cat([self._generate(self.synthetic_batch), ood[k]]))
+                with targets():
+                    t_logits = teacher(x)
+                yield x, t_logits
+            return
+        with torch.no_grad():
+            xs = [self.ctx.normalize(torch.cat([self._generate(self.synthetic_batch), ood[k]])) for k in steps]
+        with targets():
+            t_all = teacher(torch.cat(xs)).split([len(x) for x in xs])
+        yield from zip(xs, t_all)
+
     def _generate(self, n: int) -> Tensor:
         """n generated images in [0, 1] from fresh noise."""
-        return self.generator(torch.randn(n, self.opts["nz"], device=self.ctx.device))
+        return self.run(self.generator)(torch.randn(n, self.opts["nz"], device=self.ctx.device))
 
     @torch.no_grad()
     def sample_images(self, n: int) -> Tensor:
         """n images from fixed noise, sorted by the teacher's predicted class."""
         return self.sort_by_teacher(self.accelerator.unwrap_model(self.generator).fixed_samples(n))
+
+
+def make_optimizer(cls: type[torch.optim.Optimizer], params, *, fused: bool = False,
+                   **options) -> torch.optim.Optimizer:
+    """`cls(params, **options)` with fused kernels when asked and the device has them, else foreach kernels."""
+    params = list(params)
+    if fused:
+        try:
+            return cls(params, fused=True, **options)
+        except RuntimeError:  # no fused kernel for these parameters' device or dtype
+            pass
+    return cls(params, foreach=True, **options)

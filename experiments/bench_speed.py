@@ -1,0 +1,469 @@
+"""Time one MosaicKD outer iteration: the project's step against a plain eager fp32 reference.
+
+One outer iteration = 1 discriminator step + 1 generator step + `student_steps` (5) student
+steps, plus drawing the OOD batches. Both sides run in the same process, interleaved, on
+the same random-initialised models (no checkpoint, no data: a random uint8 pool stands in
+for the OOD images):
+
+  ours       the MosaicKD method object built as mosaic.engine.train builds it (Context,
+             Accelerate-prepared players, LR schedulers, device-resident OOD stream with
+             kornia augmentation) and timed as the engine calls it: streams, then
+             `method.step` under `accelerator.autocast()`, then the schedulers.
+  reference  the paper's algorithm written out step by step in plain eager fp32 torch:
+             OOD batches augmented per image on the host (pad-4 crop + flip) and copied
+             to the device, torchvision normalisation, patch crops one slice at a time,
+             default Adam (G, D) and SGD (student), `loss.backward()` on the whole graph.
+
+Prints seconds per iteration (median over --reps after --warmup untimed iterations),
+speed-up (reference / ours), student images per second, peak memory, FLOPs per iteration
+(torch.utils.flop_counter: convolutions and matmuls) and achieved TFLOP/s.
+
+    python experiments/bench_speed.py                         # CPU: cnn_small -> cnn_tiny, 64+64, ngf 32
+    python experiments/bench_speed.py --device cuda           # GPU: resnet34_cifar -> resnet18_cifar, 256+256
+    python experiments/bench_speed.py --sweep --out experiments/results/speed-cpu.md
+    python experiments/bench_speed.py --set channels_last=true --set compile=true --switches-off
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mosaic.augment import Augment  # noqa: E402
+from mosaic.config import resolve  # noqa: E402
+from mosaic.engine import lr_factor  # noqa: E402
+from mosaic.methods import Context, get_method, method_defaults  # noqa: E402
+from mosaic.models import create_model, freeze  # noqa: E402
+from mosaic.stream import Stream  # noqa: E402
+
+SWITCHES = ("fast_crop", "batch_teacher", "inference_mode", "fused_optim")
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class Setup:
+    """One benchmarked configuration."""
+    device: torch.device
+    teacher: str
+    student: str
+    batch: int
+    image_size: int
+    ngf: int
+    ndf: int
+    num_classes: int = 10
+    seed: int = 0
+    overrides: list[str] = field(default_factory=list)  # extra `key=value` config overrides for ours
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (CUDA) so a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_pool(setup: Setup) -> Tensor:
+    """A random uint8 image pool on the host, big enough for several iterations without repeats."""
+    n = max(4096, 8 * setup.batch)
+    g = torch.Generator().manual_seed(setup.seed)
+    return torch.randint(0, 256, (n, 3, setup.image_size, setup.image_size), dtype=torch.uint8, generator=g)
+
+
+# ----------------------------------------------------------------------------- ours: the engine's code path
+
+class Ours:
+    """The MosaicKD method object, built and called as mosaic.engine.train does (no run folder)."""
+
+    def __init__(self, setup: Setup, pool: Tensor, accelerator, *, overrides: list[str] = ()) -> None:
+        s = setup
+        base = [f"batch_size={s.batch}", f"data.image_size={s.image_size}", f"student.arch={s.student}",
+                f"mosaic.ngf={s.ngf}", f"mosaic.ndf={s.ndf}", f"seed={s.seed}", f"cpu={s.device.type == 'cpu'}"]
+        cfg = resolve(overrides=[*base, *s.overrides, *overrides], method_defaults=method_defaults)
+        self.cfg, self.device, self.accelerator = cfg, s.device, accelerator
+        method_cls = get_method("mosaic")
+        self.needs = method_cls.stream_needs(cfg["mosaic"])
+        memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        torch.manual_seed(s.seed)
+        teacher = freeze(create_model(s.teacher, num_classes=s.num_classes)).to(s.device, memory_format=memory_format)
+        student = create_model(s.student, num_classes=s.num_classes).to(s.device, memory_format=memory_format)
+        ctx = Context(cfg=cfg, opts=cfg["mosaic"], teacher=teacher, student=student, num_classes=s.num_classes,
+                      image_size=s.image_size, channels=3, mean=torch.tensor(MEAN, device=s.device),
+                      std=torch.tensor(STD, device=s.device), device=s.device, accelerator=accelerator,
+                      steps=10_000, batch_size=s.batch)
+        method = method_cls(ctx)
+        self.initial = {name: copy.deepcopy(getattr(method, name)) for name in ("teacher", *method.players)}
+        self.schedulers = []
+        for name in method.players:  # as the engine: channels_last, prepare, an LR schedule per optimizer
+            module = getattr(method, name)
+            if cfg["channels_last"]:
+                module = module.to(memory_format=torch.channels_last)
+            setattr(method, name, accelerator.prepare(module))
+            opt = getattr(method, f"{name}_opt")
+            self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda i: lr_factor(i, 10_000, kind=cfg["schedule"], warmup=float(cfg["warmup"]))))
+            setattr(method, f"{name}_opt", accelerator.prepare(opt))
+        ctx.student = method.student
+        d = cfg["data"]
+        augment = Augment(image_size=s.image_size, padding=d["crop_padding"], flip=d["flip"]).to(s.device)
+        self.streams = {key: Stream(pool.to(s.device), seed=s.seed, augment=augment) for key in self.needs}
+        self.method, self.step = method, 0
+
+    def iteration(self) -> None:
+        """One engine loop turn: draw the batches, run the step under autocast, step the schedules."""
+        batch = {key: self.streams[key].next(n * self.cfg["batch_size"])[0] for key, n in self.needs.items()}
+        with self.accelerator.autocast():
+            self.method.step(batch, self.step)
+        for sched in self.schedulers:
+            sched.step()
+        self.step += 1
+
+    @property
+    def student_images(self) -> int:
+        """Images the student trains on per iteration (generated + OOD, every student step)."""
+        o = self.cfg["mosaic"]
+        return o["student_steps"] * ((o["synthetic_batch"] or self.cfg["batch_size"]) + self.cfg["batch_size"])
+
+
+# ----------------------------------------------------------------------------- the plain reference
+
+class Reference:
+    """MosaicKD written out in plain eager fp32 torch, step for step as the paper's Algorithm 1."""
+
+    def __init__(self, ours: Ours, pool: Tensor) -> None:
+        o, cfg = ours.cfg["mosaic"], ours.cfg
+        contiguous = {k: copy.deepcopy(m).to(memory_format=torch.contiguous_format) for k, m in ours.initial.items()}
+        self.teacher, self.student = contiguous["teacher"], contiguous["student"]
+        self.generator, self.discriminator = contiguous["generator"], contiguous["discriminator"]
+        self.o, self.device, self.pool = o, ours.device, pool
+        self.batch, self.synthetic = cfg["batch_size"], o["synthetic_batch"] or cfg["batch_size"]
+        self.mean, self.std = list(MEAN), list(STD)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=o["lr_g"], betas=tuple(o["betas"]))
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=o["lr_g"], betas=tuple(o["betas"]))
+        s = cfg["student"]
+        self.opt_s = torch.optim.SGD(self.student.parameters(), lr=s["lr"], momentum=s["momentum"],
+                                     weight_decay=s["weight_decay"], nesterov=s["nesterov"])
+        self.padding, self.flip = cfg["data"]["crop_padding"], cfg["data"]["flip"]
+
+    def ood_batch(self) -> Tensor:
+        """A batch of OOD images in [0, 1]: per-image pad + random crop + flip on the host, then to the device."""
+        size, pad = self.pool.shape[-1], self.padding
+        index = torch.randint(len(self.pool), (self.batch,))
+        padded = F.pad(self.pool[index], (pad, pad, pad, pad))
+        images = []
+        for img in padded:  # what a DataLoader's per-sample transforms do
+            top, left = torch.randint(2 * pad + 1, (2,)).tolist()
+            img = img[:, top:top + size, left:left + size]
+            if self.flip and torch.rand(()) < 0.5:
+                img = img.flip(-1)
+            images.append(img)
+        return (torch.stack(images).float() / 255).to(self.device)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """torchvision.transforms.functional.normalize on a batch."""
+        from torchvision.transforms.functional import normalize
+        return normalize(x, self.mean, self.std)
+
+    def patches(self, images: Tensor) -> Tensor:
+        """`patches` random crops of every image, one slice each."""
+        p, n = self.o["patch_size"], self.o["patches"]
+        h, w = images.shape[-2:]
+        crops = []
+        for img in images.repeat(n, 1, 1, 1):
+            top, left = int(torch.randint(h - p + 1, ())), int(torch.randint(w - p + 1, ()))
+            crops.append(img[:, top:top + p, left:left + p])
+        return torch.stack(crops)
+
+    def local(self, logits: Tensor, real: bool) -> Tensor:
+        """BCE of a patch logit map against all-real / all-fake, summed over each map (or averaged)."""
+        target = torch.full_like(logits, 1.0 if real else 0.0)
+        if self.o["local_reduction"] == "mean":
+            return F.binary_cross_entropy_with_logits(logits, target)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
+
+    def iteration(self) -> None:
+        """1 D step, 1 G step, `student_steps` student steps."""
+        o, G, D, T, S = self.o, self.generator, self.discriminator, self.teacher, self.student
+        real = self.ood_batch()
+        fake = G(torch.randn(self.synthetic, o["nz"], device=self.device))
+        loss_d = o["lambda_local"] * 0.5 * (self.local(D(self.patches(real)), True)
+                                            + self.local(D(self.patches(fake.detach())), False))
+        self.opt_d.zero_grad()
+        loss_d.backward()
+        self.opt_d.step()
+
+        x = self.normalize(fake)
+        t_logits, s_logits = T(x), S(x)
+        p_t, log_p_t = F.softmax(t_logits, 1), F.log_softmax(t_logits, 1)
+        align = -(p_t * log_p_t).sum(1).mean()
+        p_bar = p_t.mean(0)
+        balance = (p_bar * torch.log2(p_bar)).sum()
+        adv = -(p_t * (log_p_t - F.log_softmax(s_logits, 1))).sum(1).mean()
+        loss_g = (o["lambda_local"] * self.local(D(self.patches(fake)), True) + o["lambda_align"] * align
+                  + o["lambda_balance"] * balance + o["lambda_adv"] * adv)
+        self.opt_g.zero_grad()
+        loss_g.backward()
+        self.opt_g.step()
+
+        temp = o["temperature"]
+        for _ in range(o["student_steps"]):
+            real = self.ood_batch()
+            with torch.no_grad():
+                gen = G(torch.randn(self.synthetic, o["nz"], device=self.device))
+                x = self.normalize(torch.cat([gen, real]))
+                t_logits = T(x)
+            log_p_s = F.log_softmax(S(x) / temp, 1)
+            loss_s = F.kl_div(log_p_s, F.log_softmax(t_logits / temp, 1), reduction="batchmean",
+                              log_target=True) * temp * temp
+            self.opt_s.zero_grad()
+            loss_s.backward()
+            self.opt_s.step()
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def peak_memory(run: Callable[[], None], device: torch.device) -> int:
+    """Peak tensor bytes during one iteration.
+
+    CUDA: torch.cuda.max_memory_allocated (weights and optimizer state included). CPU: the
+    profiler's allocator events; the peak of the running sum of allocations minus frees,
+    i.e. tensor memory above what was already held when the iteration began.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def count_flops(run: Callable[[], None]) -> float | None:
+    """FLOPs of one iteration as torch.utils.flop_counter counts them (convolutions, matmuls), or None."""
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run()
+        return float(counter.get_total_flops())
+    except Exception as err:  # e.g. a compiled graph the counter cannot see through
+        print(f"  (flop count failed: {type(err).__name__}: {err})", file=sys.stderr)
+        return None
+
+
+def time_interleaved(runs: dict[str, Callable[[], None]], device: torch.device, *, reps: int,
+                     warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each run, alternating the runs (order rotated every repetition)."""
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            sync(device)
+            t0 = time.perf_counter()
+            runs[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def count_syncs(ours: Ours) -> int:
+    """Host-device synchronisations CUDA reports during one `method.step` (streams excluded)."""
+    import warnings
+
+    batch = {key: ours.streams[key].next(n * ours.cfg["batch_size"])[0] for key, n in ours.needs.items()}
+    sync(ours.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with ours.accelerator.autocast():
+                ours.method.step(batch, ours.step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def device_name(device: torch.device) -> str:
+    """A readable device name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def bench(setup: Setup, accelerator, *, variants: dict[str, list[str]], reps: int, warmup: int,
+          measure_extras: bool = True) -> list[dict]:
+    """Rows (one per implementation) for one configuration."""
+    pool = random_pool(setup)
+    ours = {label: Ours(setup, pool, accelerator, overrides=extra) for label, extra in variants.items()}
+    first = next(iter(ours.values()))
+    impls: dict[str, Callable[[], None]] = {"reference": Reference(first, pool).iteration}
+    impls.update({label: o.iteration for label, o in ours.items()})
+    times = time_interleaved(impls, setup.device, reps=reps, warmup=warmup)
+    ref_s = statistics.median(times["reference"])
+    rows = []
+    for label, run in impls.items():
+        sec = statistics.median(times[label])
+        row = {"impl": label, "s_iter": sec, "speedup": ref_s / sec, "times": times[label],
+               "images_s": first.student_images / sec}
+        if measure_extras:
+            row["peak_bytes"] = peak_memory(run, setup.device)
+            compiled = label in ours and ours[label].cfg["compile"]
+            flops = None if compiled else count_flops(run)  # the counter would force recompiles: same FLOPs as ours
+            row["gflop"] = flops / 1e9 if flops is not None else None
+            row["tflops"] = flops / sec / 1e12 if flops is not None else None
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def fmt(value, spec: str) -> str:
+    """Format a number, or n/a."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def main_table(rows: list[dict]) -> list[str]:
+    """Markdown table of one configuration's rows."""
+    lines = ["| implementation | s / iteration (median) | speed-up vs reference | student images / s "
+             "| peak memory (MiB) | GFLOP / iteration | achieved TFLOP/s | all timings (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['impl']} | {r['s_iter']:.3f} | {r['speedup']:.2f}x | {r['images_s']:.0f} "
+                     f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**20, '.0f')} | {fmt(r.get('gflop'), '.1f')} "
+                     f"| {fmt(r.get('tflops'), '.4f')} | {' '.join(f'{t:.2f}' for t in r['times'])} |")
+    return lines
+
+
+def write_markdown(path: Path, *, header: list[str], main: list[str], sweep: list[str]) -> None:
+    """Write (or rewrite, as sweep points arrive) the results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([*header, "", *main, "", *sweep]).rstrip() + "\n")
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'label: key=value key=value' -> (label, overrides)."""
+    label, _, rest = text.partition(":")
+    return label.strip(), rest.split()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--teacher", default=None, help="teacher arch (default: cnn_small on CPU, resnet34_cifar on GPU)")
+    p.add_argument("--student", default=None, help="student arch (default: cnn_tiny on CPU, resnet18_cifar on GPU)")
+    p.add_argument("--batch", type=int, default=None, help="OOD batch = generated batch (default 64 CPU, 256 GPU)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--ngf", type=int, default=None, help="generator width (default 32 CPU, 64 GPU)")
+    p.add_argument("--ndf", type=int, default=None, help="discriminator width (default 64 CPU, 128 GPU)")
+    p.add_argument("--reps", type=int, default=5, help="timed iterations per implementation (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per implementation first")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for ours (repeatable), e.g. channels_last=true compile=true")
+    p.add_argument("--switches-off", action="store_true",
+                   help="also time ours with every MosaicKD speed switch off (mosaic.fast_crop=false ...)")
+    p.add_argument("--variant", action="append", default=[], metavar="'LABEL: KEY=VALUE ...'",
+                   help="also time ours with these extra overrides (repeatable; mixed_precision only via --set)")
+    p.add_argument("--check-syncs", action="store_true", help="CUDA: count host syncs in one step of ours")
+    p.add_argument("--sweep", action="store_true", help="also time batch 64,128,256,512 x image size 32,64")
+    p.add_argument("--sweep-batches", default="64,128,256,512")
+    p.add_argument("--sweep-sizes", default="32,64")
+    p.add_argument("--sweep-reps", type=int, default=None, help="timed iterations per sweep point (default --reps)")
+    p.add_argument("--sweep-warmup", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None, help="write a markdown report here")
+    args = p.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    setup = Setup(device=device, teacher=args.teacher or ("resnet34_cifar" if gpu else "cnn_small"),
+                  student=args.student or ("resnet18_cifar" if gpu else "cnn_tiny"),
+                  batch=args.batch or (256 if gpu else 64), image_size=args.image_size,
+                  ngf=args.ngf or (64 if gpu else 32), ndf=args.ndf or (128 if gpu else 64),
+                  overrides=list(args.overrides))
+    precision = resolve(overrides=setup.overrides, method_defaults=method_defaults)["mixed_precision"]
+    accelerator = Accelerator(cpu=not gpu, mixed_precision=precision)
+    variants = {"ours": []}
+    if args.switches_off:
+        variants["ours, speed switches off"] = [f"mosaic.{k}=false" for k in SWITCHES]
+    variants.update(parse_variant(v) for v in args.variant)
+
+    command = "python experiments/bench_speed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    header = [f"# MosaicKD outer-iteration speed ({device.type})", "",
+              f"- device: {device_name(device)}; torch {torch.__version__}",
+              f"- command: `{command}`",
+              f"- configuration: teacher {setup.teacher} -> student {setup.student}, batch {setup.batch} OOD + "
+              f"{setup.batch} generated, image {setup.image_size}px, ngf {setup.ngf}, ndf {setup.ndf}, "
+              f"overrides for ours: {' '.join(setup.overrides) or 'none'}",
+              "- one iteration = OOD batches + 1 D step + 1 G step + 5 student steps; median of "
+              f"{args.reps} timed iterations after {args.warmup} untimed ones, implementations interleaved",
+              "- speed-up = reference s/iter / ours s/iter (> 1: ours faster); student images/s = 5 x (generated + "
+              "OOD) / s; peak memory: " + ("torch.cuda.max_memory_allocated" if gpu else
+                                           "peak tensor bytes allocated above the iteration's start "
+                                           "(torch.profiler allocator events; no CPU max_memory_allocated exists)"),
+              "- FLOPs: torch.utils.flop_counter (convolutions and matmuls only); the reference counts more "
+              "because its G step also back-propagates into D and student weights, as plain `loss.backward()` does"]
+    print("\n".join(header), flush=True)
+    if args.check_syncs and gpu:
+        n = count_syncs(Ours(setup, random_pool(setup), accelerator))
+        header.append(f"- host-device synchronisations in one step of ours (torch.cuda.set_sync_debug_mode): {n}")
+        print(header[-1], flush=True)
+    rows = bench(setup, accelerator, variants=variants, reps=args.reps, warmup=args.warmup)
+    main_lines = ["## One configuration", "", *main_table(rows)]
+    print("\n".join(main_lines), flush=True)
+    sweep_lines: list[str] = []
+    if args.out:
+        write_markdown(args.out, header=header, main=main_lines, sweep=sweep_lines)
+    if args.sweep:
+        reps = args.sweep_reps or args.reps
+        sweep_lines = ["## Sweep", "", f"Median of {reps} timed iterations after {args.sweep_warmup} untimed; "
+                       "same models and options as above.", "",
+                       "| image size | batch | ours s/iter | reference s/iter | speed-up | ours student images/s |",
+                       "|---|---|---|---|---|---|"]
+        for size in (int(v) for v in args.sweep_sizes.split(",")):
+            for batch in (int(v) for v in args.sweep_batches.split(",")):
+                point = Setup(**{**setup.__dict__, "batch": batch, "image_size": size})
+                r = {row["impl"]: row for row in bench(point, accelerator, variants={"ours": []}, reps=reps,
+                                                      warmup=args.sweep_warmup, measure_extras=False)}
+                ours, ref = r["ours"], r["reference"]
+                sweep_lines.append(f"| {size} | {batch} | {ours['s_iter']:.3f} | {ref['s_iter']:.3f} "
+                                   f"| {ours['speedup']:.2f}x | {ours['images_s']:.0f} |")
+                print(sweep_lines[-1], flush=True)
+                if args.out:
+                    write_markdown(args.out, header=header, main=main_lines, sweep=sweep_lines)
+
+
+if __name__ == "__main__":
+    main()

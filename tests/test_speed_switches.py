@@ -1,0 +1,104 @@
+"""MosaicKD's speed switches change how a step runs, never what it computes (CPU, fp32, one thread)."""
+from __future__ import annotations
+
+import kornia.augmentation as K
+import pytest
+import torch
+from einops import repeat
+
+from mosaic.config import resolve
+from mosaic.methods import Context, method_defaults
+from mosaic.methods.mosaic_kd import MosaicKD
+from mosaic.models import create_model, freeze
+from mosaic.players.patches import random_patches
+
+B, SIZE, STEPS = 4, 16, 3
+SWITCHES = {"fast_crop": True, "batch_teacher": True, "inference_mode": True, "fused_optim": True}
+OFF = {k: False for k in SWITCHES}
+
+
+def make_method(**opts) -> MosaicKD:
+    """A tiny MosaicKD on CPU; the same seed gives the same players whatever the options."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    options = {"patch_size": 8, "ngf": 8, "ndf": 8, "student_steps": 2, **opts}
+    cfg = resolve(overrides=[f"mosaic.{k}={v}" for k, v in options.items()], method_defaults=method_defaults)
+    teacher = freeze(create_model("cnn_tiny", num_classes=3))
+    student = create_model("cnn_tiny", num_classes=3)
+    ctx = Context(cfg=cfg, opts=cfg["mosaic"], teacher=teacher, student=student, num_classes=3, image_size=SIZE,
+                  channels=3, mean=torch.tensor([0.5, 0.4, 0.3]), std=torch.tensor([0.2, 0.25, 0.3]),
+                  device=torch.device("cpu"), accelerator=Accelerator(cpu=True), steps=10, batch_size=B)
+    return MosaicKD(ctx)
+
+
+def train(method: MosaicKD, *, steps: int = STEPS) -> list[dict[str, float]]:
+    """Losses of `steps` outer iterations on fixed OOD batches, from one seed."""
+    n = MosaicKD.stream_needs(method.opts)["ood"] * B
+    batches = [torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(10 + i)) for i in range(steps)]
+    torch.manual_seed(1)
+    return [{k: v.item() for k, v in method.step({"ood": x}, i).items()} for i, x in enumerate(batches)]
+
+
+def assert_same_run(a: MosaicKD, b: MosaicKD) -> None:
+    """Equal losses at every step and equal players afterwards (allclose: fused kernels round differently)."""
+    la, lb = train(a), train(b)
+    for step, (x, y) in enumerate(zip(la, lb)):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), f"{key} differs at step {step}"
+    for name in ("generator", "discriminator", "student"):
+        for (k, p), q in zip(getattr(a, name).state_dict().items(), getattr(b, name).state_dict().values()):
+            assert torch.allclose(p.float(), q.float(), rtol=1e-4, atol=1e-5), f"{name}.{k} differs"
+
+
+def test_all_switches_on_match_all_off():
+    on, off = make_method(**SWITCHES), make_method(**OFF)
+    assert all(on.opts[k] for k in SWITCHES) and not any(off.opts[k] for k in SWITCHES)
+    assert_same_run(on, off)
+
+
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
+def test_each_switch_alone_matches_all_off(switch):
+    assert_same_run(make_method(**{**OFF, switch: True}), make_method(**OFF))
+
+
+def test_switch_defaults():
+    defaults = method_defaults("mosaic")
+    assert all(defaults[k] is True for k in SWITCHES if k != "batch_teacher")
+    assert "compile" not in defaults  # one switch for every method: the engine's top-level `compile`
+    assert defaults["batch_teacher"] is None and make_method().batch_teacher is False  # auto: off on CPU
+
+
+def test_fast_crop_is_kornias_crop_pixel_for_pixel():
+    images = torch.randn(5, 3, 20, 20, requires_grad=True)
+    torch.manual_seed(3)
+    want = K.RandomCrop((7, 7))(repeat(images, "b c h w -> (n b) c h w", n=3))
+    after_want = torch.rand(1)
+    torch.manual_seed(3)
+    got = random_patches(images, patch_size=7, copies=3)
+    assert torch.equal(got, want) and torch.equal(torch.rand(1), after_want)  # same pixels, same random draws
+    weights = torch.randn_like(got)
+    g_want, = torch.autograd.grad((want * weights).sum(), images)
+    g_got, = torch.autograd.grad((got * weights).sum(), images)
+    assert torch.allclose(g_got, g_want, atol=1e-6)
+
+
+def test_batched_teacher_sees_the_per_step_inputs():
+    seen = {}
+    for batched in (True, False):
+        m = make_method(**{**OFF, "batch_teacher": batched})
+        inputs = []
+        m.teacher.register_forward_pre_hook(lambda mod, inp: inputs.append(inp[0].detach().clone()))
+        train(m, steps=1)
+        seen[batched] = torch.cat(inputs[1:])  # the G step's forward, then the student steps'
+    assert torch.equal(seen[True], seen[False])
+
+
+def test_channels_last_and_bf16_autocast_run_on_cpu():
+    m = make_method()
+    for module in (m.generator, m.discriminator, m.student, m.teacher):
+        module.to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = train(m, steps=2)
+    assert all(torch.isfinite(torch.tensor(v)) for step in losses for v in step.values())
