@@ -44,10 +44,13 @@ class Augment(nn.Module):
       flip=True: flip each image horizontally with probability 0.5.
       padding_mode="constant": zero (black) padding, as torchvision's RandomCrop(32, padding=4) used for
         CIFAR; "reflect" or "replicate" are the alternatives.
+      fast=True: the same crops and flips from the same random draws by one gather instead of kornia's
+        per-image loop (pixel-identical; false runs the kornia modules themselves).
     Random draws come from torch's global generator, so `torch.manual_seed` makes it reproducible.
     """
 
-    def __init__(self, *, image_size: int, padding: int = 4, flip: bool = True, padding_mode: str = "constant") -> None:
+    def __init__(self, *, image_size: int, padding: int = 4, flip: bool = True, padding_mode: str = "constant",
+                 fast: bool = True) -> None:
         super().__init__()
         import kornia.augmentation as K
 
@@ -58,6 +61,7 @@ class Augment(nn.Module):
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"Augment padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
         self.image_size, self.padding, self.flip, self.padding_mode = image_size, padding, flip, padding_mode
+        self.fast = fast
         steps: list[nn.Module] = []
         if padding > 0:
             steps.append(K.RandomCrop((image_size, image_size), padding=padding, padding_mode=padding_mode, p=1.0))
@@ -75,7 +79,28 @@ class Augment(nn.Module):
         x = to_float(images) if images.dtype == torch.uint8 else images
         if len(self.steps) == 0 or x.shape[0] == 0:
             return x
-        return self.steps(x)
+        return self._fast(x) if self.fast else self.steps(x)
+
+    def _fast(self, x: Tensor) -> Tensor:
+        """The kornia pipeline's result from the same random draws, by one pad, one gather and one where.
+
+        kornia crops with a Python loop of slices (one per image) and syncs with the host; this
+        draws the offsets and flips exactly as kornia does (x starts, y starts, then the flip
+        coin, from torch's global CPU generator), so at equal seed the pixels are identical.
+        """
+        import torch.nn.functional as F
+
+        from mosaic.players.patches import random_patches
+        n, p = x.shape[0], self.padding
+        if p > 0:
+            x = F.pad(x, (p, p, p, p), mode=self.padding_mode)
+            x = random_patches(x, patch_size=self.image_size)
+        if self.flip:
+            coin = torch.bernoulli(torch.full((n,), 0.5)).bool()
+            if x.device.type != "cpu":
+                coin = coin.to(x.device, non_blocking=True)
+            x = torch.where(coin.view(n, 1, 1, 1), x.flip(-1), x)
+        return x
 
     def extra_repr(self) -> str:
         options = f"image_size={self.image_size}, padding={self.padding}, flip={self.flip}"

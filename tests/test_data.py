@@ -495,3 +495,21 @@ def test_augment_is_reproducible_under_seed():
     b = augment(images)
     c = augment(images)
     assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
+@pytest.mark.parametrize("shape, size, padding, flip", [((7, 3, 12, 12), 12, 4, True), ((5, 1, 10, 14), 10, 2, True),
+                                                         ((4, 3, 8, 8), 8, 3, False), ((6, 3, 9, 9), 9, 0, True)])
+def test_fast_augment_is_kornias_pixel_for_pixel(mode, shape, size, padding, flip):
+    """The one-gather path draws like kornia's RandomCrop + RandomHorizontalFlip and gives the same pixels."""
+    from mosaic.augment import Augment
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, shape, dtype=torch.uint8)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        slow = Augment(image_size=size, padding=padding, flip=flip, padding_mode=mode, fast=False)(x)
+        after_slow = torch.rand(1)
+        torch.manual_seed(seed)
+        fast = Augment(image_size=size, padding=padding, flip=flip, padding_mode=mode, fast=True)(x)
+        assert torch.equal(fast, slow)
+        assert torch.equal(torch.rand(1), after_slow)  # the same random numbers were consumed
