@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mosaic.players.patches import random_patches
 
 __all__ = ["to_float", "normalize", "Augment"]
 
@@ -88,9 +91,6 @@ class Augment(nn.Module):
         draws the offsets and flips exactly as kornia does (x starts, y starts, then the flip
         coin, from torch's global CPU generator), so at equal seed the pixels are identical.
         """
-        import torch.nn.functional as F
-
-        from mosaic.players.patches import random_patches
         n, p = x.shape[0], self.padding
         if p > 0:
             x = F.pad(x, (p, p, p, p), mode=self.padding_mode)

@@ -6,30 +6,14 @@ import pytest
 import torch
 from einops import repeat
 
-from mosaic.config import resolve
-from mosaic.methods import Context, method_defaults
+from mosaic.methods import method_defaults
 from mosaic.methods.mosaic_kd import MosaicKD
-from mosaic.models import create_model, freeze
 from mosaic.players.patches import random_patches
+from test_mosaic_kd import B, SIZE, make_method  # the same tiny MosaicKD (seed 0) as the method's own tests
 
-B, SIZE, STEPS = 4, 16, 3
+STEPS = 3
 SWITCHES = {"fast_crop": True, "batch_teacher": True, "inference_mode": True, "fused_optim": True}
 OFF = {k: False for k in SWITCHES}
-
-
-def make_method(**opts) -> MosaicKD:
-    """A tiny MosaicKD on CPU; the same seed gives the same players whatever the options."""
-    from accelerate import Accelerator
-
-    torch.manual_seed(0)
-    options = {"patch_size": 8, "ngf": 8, "ndf": 8, "student_steps": 2, **opts}
-    cfg = resolve(overrides=[f"mosaic.{k}={v}" for k, v in options.items()], method_defaults=method_defaults)
-    teacher = freeze(create_model("cnn_tiny", num_classes=3))
-    student = create_model("cnn_tiny", num_classes=3)
-    ctx = Context(cfg=cfg, opts=cfg["mosaic"], teacher=teacher, student=student, num_classes=3, image_size=SIZE,
-                  channels=3, mean=torch.tensor([0.5, 0.4, 0.3]), std=torch.tensor([0.2, 0.25, 0.3]),
-                  device=torch.device("cpu"), accelerator=Accelerator(cpu=True), steps=10, batch_size=B)
-    return MosaicKD(ctx)
 
 
 def train(method: MosaicKD, *, steps: int = STEPS) -> list[dict[str, float]]:
