@@ -196,3 +196,63 @@ def test_bad_options_are_clear_errors():
         make_method(patch_size=32)
     with pytest.raises(ConfigError, match="student_steps"):
         make_method(student_steps=0)
+    with pytest.raises(ConfigError, match="student_bn"):
+        make_method(student_bn="clean")
+
+
+def first_bn(model: torch.nn.Module) -> torch.nn.BatchNorm2d:
+    return next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_frozen_bn_stats_normalises_by_batch_and_keeps_running_stats():
+    from mosaic.methods import frozen_bn_stats
+
+    bn = torch.nn.BatchNorm2d(3).train()
+    x = torch.randn(8, 3, 4, 4) * 3 + 2
+    with frozen_bn_stats(bn):
+        y = bn(x)
+    # batch statistics by hand (biased variance), running ones untouched
+    mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+    assert torch.allclose(y, (x - mean) / torch.sqrt(var + bn.eps), atol=1e-5)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
+    assert int(bn.num_batches_tracked) == 0 and bn.track_running_stats
+    bn(x)  # tracking is back after the context
+    assert torch.allclose(bn.running_mean, 0.1 * x.mean((0, 2, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["mixed", "ood"])
+def test_student_bn_running_stats_come_from_the_chosen_images(mode):
+    """Replay the momentum update over the batches the first BN layer tracked; under `ood` only OOD halves count."""
+    m = make_method(student_steps=2, student_bn=mode)
+    bn = first_bn(m.student)
+    seen = []  # (input of the first BN layer, did it update the running stats?)
+    bn.register_forward_pre_hook(lambda mod, inp: seen.append((inp[0].detach().clone(),
+                                                               mod.training and mod.track_running_stats)))
+    student_inputs = []
+    m.student.register_forward_pre_hook(lambda mod, inp: student_inputs.append(inp[0].detach().clone()))
+    batch = ood_batch(m)
+    m.step(batch, 0)
+    tracked = [x for x, t in seen if t]
+    if mode == "mixed":  # the G step's generated batch, then each mixed batch of generated + OOD images
+        assert [len(x) for x in tracked] == [B, 2 * B, 2 * B]
+    else:  # only the OOD halves, each seen once, after its student step
+        assert [len(x) for x in tracked] == [B, B]
+        # student forwards: the G step's generated batch, then (mixed batch, its OOD half) per student step
+        assert [len(x) for x in student_inputs] == [B, 2 * B, B, 2 * B, B]
+        for k, x in enumerate(student_inputs[2::2]):
+            want = (batch["ood"][(k + 1) * B:(k + 2) * B] - m.ctx.mean.view(1, 3, 1, 1)) / m.ctx.std.view(1, 3, 1, 1)
+            assert torch.allclose(x, want, atol=1e-6)
+    mean = torch.zeros(bn.num_features)
+    for x in tracked:
+        mean = 0.9 * mean + 0.1 * x.mean((0, 2, 3))
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5)
+    assert int(bn.num_batches_tracked) == len(tracked)
+
+
+def test_student_bn_ood_does_not_change_the_training_losses():
+    """The extra forward only refreshes running statistics: with equal seeds the losses of one step are equal."""
+    losses = {}
+    for mode in ("mixed", "ood"):
+        m = make_method(seed=3, student_steps=2, student_bn=mode)
+        losses[mode] = {k: float(v) for k, v in m.step(ood_batch(m), 0).items()}
+    assert losses["mixed"] == pytest.approx(losses["ood"], abs=1e-6)

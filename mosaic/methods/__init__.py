@@ -129,6 +129,20 @@ def no_param_grad(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def frozen_bn_stats(*modules: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm layers of `modules` normalise with batch statistics but leave their running ones alone."""
+    layers = [m for mod in modules for m in mod.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
 _METHODS: dict[str, type[Method]] = {}
 _PLUGINS_LOADED = False
 

@@ -11,11 +11,17 @@ iteration = 1 D step, 1 G step, then `student_steps` S steps:
         - adv * KL(T(G(z)) || S(G(z)))               # DRO: seek images where T and S disagree
     L_S = T^2 * KL(T(x)/T || S(x)/T),  x = G(z) and OOD images
 
+`student_bn=ood` keeps generated images out of the student's BatchNorm running statistics
+(the ones it is evaluated and deployed with): its forwards on mixed batches and in the G step
+normalise with batch statistics but leave the running ones alone, and one extra no-grad
+forward of each step's OOD half updates them. The reference code mixes them in (`mixed`).
+
 Speed switches (options below) change how the step runs, never what it computes: at equal
 seed on CPU fp32 the losses match with them on or off (tests/test_speed_switches.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterator, Sequence
 
@@ -26,7 +32,7 @@ from torch import Tensor, nn
 
 from mosaic.config import ConfigError
 from mosaic.losses import balance_loss, entropy, kd_loss, patch_gan_loss
-from mosaic.methods import Context, Method, no_param_grad, register_method
+from mosaic.methods import Context, Method, frozen_bn_stats, no_param_grad, register_method
 from mosaic.methods.supervised import sgd
 from mosaic.players import Generator, PatchDiscriminator
 from mosaic.players.patches import random_patches
@@ -51,6 +57,8 @@ class MosaicKD(Method):
         "lr_g": 1e-3,           # Adam learning rate of G and D
         "betas": [0.5, 0.999],  # Adam betas of G and D
         "synthetic_batch": None,  # generated images per step (null: batch_size)
+        "student_bn": "mixed",  # where the student's BatchNorm running statistics come from: mixed (every student
+                                #   forward, as the reference code) | ood (OOD images only; see below)
         # speed switches (same algorithm, same random draws):
         "fast_crop": True,      # crops by one gather, kornia's random draws (false: kornia RandomCrop, slice per crop)
         "batch_teacher": None,  # one frozen-teacher forward for all student steps (false: one per step; null: on
@@ -71,6 +79,8 @@ class MosaicKD(Method):
                              f"(the image size)")
         if o["local_reduction"] not in ("sum", "mean"):
             raise ConfigError(f"mosaic.local_reduction must be sum or mean, got {o['local_reduction']!r}")
+        if o["student_bn"] not in ("mixed", "ood"):
+            raise ConfigError(f"mosaic.student_bn must be mixed or ood, got {o['student_bn']!r}")
         if o["student_steps"] < 1 or o["patches"] < 1:
             raise ConfigError("mosaic.student_steps and mosaic.patches must be >= 1")
         self.generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size,
@@ -132,7 +142,8 @@ class MosaicKD(Method):
         disc = self.run(self.accelerator.unwrap_model(self.discriminator))
         x = self.ctx.normalize(fake)
         t_logits = self.run(self.teacher)(x)  # one teacher forward feeds the align, balance and adversarial terms
-        s_logits = student(x)
+        with self._bn_kept(student):
+            s_logits = student(x)
         return {
             "g_local": self.local_loss(disc(self.crops(fake)), real=True),
             "g_align": entropy(t_logits),
@@ -165,10 +176,14 @@ class MosaicKD(Method):
 
         # 3. Distillation on fresh generated images plus OOD images.
         for x, t_logits in self._distillation_batches(ood[1:]):
-            loss_s = kd_loss(S(x), t_logits, temperature=o["temperature"])
+            with self._bn_kept(self.student):
+                loss_s = kd_loss(S(x), t_logits, temperature=o["temperature"])
             self.student_opt.zero_grad(set_to_none=True)
             self.backward(loss_s)
             self.student_opt.step()
+            if o["student_bn"] == "ood":  # running statistics from the OOD half alone
+                with torch.no_grad():
+                    self.run(self.accelerator.unwrap_model(self.student))(x[len(x) - B:])
 
         out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "loss_s": loss_s.detach()}
         out.update({k: v.detach() for k, v in g.items()})
@@ -197,6 +212,10 @@ class MosaicKD(Method):
         with targets():
             t_all = teacher(torch.cat(xs)).split([len(x) for x in xs])
         yield from zip(xs, t_all)
+
+    def _bn_kept(self, student: nn.Module):
+        """Under student_bn=ood, a context in which the student's forward leaves its BN running statistics alone."""
+        return frozen_bn_stats(student) if self.opts["student_bn"] == "ood" else contextlib.nullcontext()
 
     def _generate(self, n: int) -> Tensor:
         """n generated images in [0, 1] from fresh noise."""
