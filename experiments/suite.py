@@ -49,12 +49,15 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
     if not offline_data():  # with internet: torchvision CIFAR-10 in-domain, CIFAR-100 as OOD
         data.update({"data.ood": "cifar100", "data.download": True})
     teacher_dir = out_dir / spec.get("teacher_run", f"{name}-teacher")  # suites may share a teacher
+    start = time.time()
+    teacher_s = None
     if not (teacher_dir / "model.safetensors").exists():
         t0 = time.time()
         cfg = _resolve(as_overrides({**data, **spec["teacher"], "out_dir": str(out_dir), "name": teacher_dir.name,
                                "overwrite": True}), TEACHER_BASE)
         train(cfg)
-        print(f"[suite] teacher trained in {time.time() - t0:.0f}s", flush=True)
+        teacher_s = time.time() - t0
+        print(f"[suite] teacher trained in {teacher_s:.0f}s", flush=True)
     rows = []
     for method, overrides in spec["methods"].items():
         if only and method not in only:
@@ -69,9 +72,13 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
         rows.append({"method": label, **{k: res.get(k) for k in COLUMNS if k != "method"}})
         rows[-1]["wall_s"] = round(res["wall_s"], 1)
     if results_dir is not None:
+        footer = ""
         if only:  # keep the committed rows of the methods not re-run, in the suite's order
             rows = merge_rows(read_rows(results_dir / f"{name}.csv"), rows, order=labels_of(spec))
-        write_tables(rows, results_dir / name, title=spec.get("title", name), note=spec.get("note", ""))
+        else:
+            footer = whole_run_line(time.time() - start, teacher_s=teacher_s)
+        write_tables(rows, results_dir / name, title=spec.get("title", name), note=spec.get("note", ""),
+                     footer=footer)
     return rows
 
 
@@ -86,6 +93,14 @@ def collect(name: str, *, out_dir: Path, results_dir: Path) -> list[dict]:
             rows.append({"method": label, **{k: res.get(k) for k in COLUMNS if k != "method"}})
     write_tables(rows, results_dir / name, title=spec.get("title", name), note=spec.get("note", ""))
     return rows
+
+
+def whole_run_line(seconds: float, *, teacher_s: float | None) -> str:
+    """The table's last line when every row ran in one process: the suite's wall-clock time."""
+    m, s = divmod(round(seconds), 60)
+    teacher = (f", of which {teacher_s:.0f} s training the teacher" if teacher_s is not None
+               else ", teacher reused")
+    return f"Whole suite in one run: {m} min {s} s wall{teacher}."
 
 
 def labels_of(spec: dict) -> list[str]:
@@ -109,7 +124,7 @@ def merge_rows(old: list[dict], new: list[dict], *, order: list[str]) -> list[di
     return sorted(by_label.values(), key=lambda r: rank.get(r["method"], len(rank)))
 
 
-def markdown(rows: list[dict], *, title: str = "", note: str = "") -> str:
+def markdown(rows: list[dict], *, title: str = "", note: str = "", footer: str = "") -> str:
     """The rows as a markdown table (accuracies in percent)."""
     def fmt(key, v):
         if v is None or v == "":
@@ -122,17 +137,19 @@ def markdown(rows: list[dict], *, title: str = "", note: str = "") -> str:
         lines += [note.strip(), ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(k, r.get(k)) for k in COLUMNS) + " |" for r in rows]
+    if footer:
+        lines += ["", footer]
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: list[dict], stem: Path, *, title: str, note: str) -> None:
+def write_tables(rows: list[dict], stem: Path, *, title: str, note: str, footer: str = "") -> None:
     """Write <stem>.csv and <stem>.md."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    Path(f"{stem}.md").write_text(markdown(rows, title=title, note=note))
+    Path(f"{stem}.md").write_text(markdown(rows, title=title, note=note, footer=footer))
     print(f"[suite] wrote {stem}.csv and {stem}.md")
 
 
