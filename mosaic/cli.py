@@ -35,22 +35,9 @@ EXAMPLES = {
 }
 
 
-def _split(items: Sequence[str]) -> tuple[str | None, list[str]]:
-    """Separate an optional YAML path from key=value overrides."""
-    yaml_path, overrides = None, []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif yaml_path is None and item.endswith((".yaml", ".yml")):
-            yaml_path = item
-        else:
-            raise config_lib.ConfigError(f"unexpected argument '{item}': give a .yaml config file and key=value overrides")
-    return yaml_path, overrides
-
-
 def _resolve(items: Sequence[str], base: dict | None = None) -> dict:
     from mosaic.methods import method_defaults
-    yaml_path, overrides = _split(items)
+    yaml_path, overrides = config_lib.split_args(items)
     return config_lib.resolve(yaml_path=yaml_path, overrides=overrides, base=base, method_defaults=method_defaults)
 
 

@@ -136,6 +136,19 @@ def overrides_to_dict(overrides: Iterable[str]) -> dict:
     return out
 
 
+def split_args(items: Iterable[str]) -> tuple[str | None, list[str]]:
+    """Separate an optional YAML path from key=value overrides (command-line arguments)."""
+    yaml_path, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif yaml_path is None and item.endswith((".yaml", ".yml")):
+            yaml_path = item
+        else:
+            raise ConfigError(f"unexpected argument '{item}': give a .yaml config file and key=value overrides")
+    return yaml_path, overrides
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML config file into a dict."""
     path = Path(path)

@@ -252,3 +252,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "did you mean epochs" in capsys.readouterr().err
     assert main(["anomaly", "score", str(tmp_path / "nowhere"), "data=x"]) == 2
     assert "not an MKD folder" in capsys.readouterr().err
+
+
+def test_cli_options_layer_defaults_yaml_then_key_value(tmp_path):
+    from mosaic.anomaly.cli import FIT_DEFAULTS, _options
+    from mosaic.config import ConfigError
+
+    path = tmp_path / "fit.yaml"
+    path.write_text("epochs: 7\nlr: 0.01\ncloner: cnn_small\n")
+    opts = _options([str(path), "lr=0.002"], FIT_DEFAULTS)
+    assert (opts["epochs"], opts["lr"], opts["cloner"]) == (7, 0.002, "cnn_small")  # file, then key=value
+    assert opts["lambda_dir"] == FIT_DEFAULTS["lambda_dir"]  # untouched default
+    path.write_text("epoch: 7\n")
+    with pytest.raises(ConfigError, match="did you mean epochs"):
+        _options([str(path)], FIT_DEFAULTS)
+    with pytest.raises(ConfigError, match="unexpected argument 'fit.txt'"):
+        _options(["fit.txt"], FIT_DEFAULTS)

@@ -3,7 +3,9 @@
     mosaic anomaly fit source=runs/teacher-cnn_small data=cifar10 normal_class=cat out=runs/mkd-cat
     mosaic anomaly score runs/mkd-cat data=cifar10 split=test normal_class=cat
 
-Options are key=value pairs; the keys and their defaults are FIT_DEFAULTS and SCORE_DEFAULTS below.
+Options are key=value pairs, optionally after a YAML file holding some of them (defaults < file <
+key=value, the same order as `mosaic distill`); the keys and their defaults are FIT_DEFAULTS and
+SCORE_DEFAULTS below.
 """
 
 from __future__ import annotations
@@ -76,14 +78,14 @@ NORMAL_NAMES = ("good", "normal", "ok")
 
 
 def _options(items: Sequence[str], defaults: dict) -> dict:
-    """Merge key=value items into `defaults` (unknown keys are ConfigErrors with close matches)."""
+    """`defaults` < an optional YAML file < key=value items (unknown keys are ConfigErrors with close matches)."""
+    yaml_path, overrides = config_lib.split_args(items)
+    opts = config_lib.merge(defaults, config_lib.load_yaml(yaml_path)) if yaml_path else dict(defaults)
     given = {}
-    for item in items:
-        if "=" not in item:
-            raise config_lib.ConfigError(f"unexpected argument '{item}': give key=value options")
+    for item in overrides:
         key, text = item.split("=", 1)
         given[key.strip()] = config_lib.parse_value(text)
-    return config_lib.merge(defaults, given)
+    return config_lib.merge(opts, given)
 
 
 def _class_index(images: ImageSet, normal_class: Any) -> int:
@@ -227,11 +229,13 @@ def add_parser(sub: Any) -> None:
     fit = actions.add_parser("fit", help="train a cloner on normal images",
                              description="Example: mosaic anomaly fit source=runs/teacher-cnn_small data=cifar10 "
                                          "normal_class=cat out=runs/mkd-cat epochs=20")
-    fit.add_argument("options", nargs="*", metavar="key=value", help=f"options: {', '.join(FIT_DEFAULTS)}")
+    fit.add_argument("options", nargs="*", metavar="[config.yaml] key=value",
+                     help=f"options: {', '.join(FIT_DEFAULTS)}")
     score = actions.add_parser("score", help="score images (CSV, ROC-AUC, heat maps) with a fitted cloner",
                                description="Example: mosaic anomaly score runs/mkd-cat data=cifar10 normal_class=cat")
     score.add_argument("model", help="folder written by `mosaic anomaly fit`")
-    score.add_argument("options", nargs="*", metavar="key=value", help=f"options: {', '.join(SCORE_DEFAULTS)}")
+    score.add_argument("options", nargs="*", metavar="[config.yaml] key=value",
+                       help=f"options: {', '.join(SCORE_DEFAULTS)}")
 
 
 def run(args: Any) -> int:
