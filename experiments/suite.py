@@ -52,11 +52,10 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
     start = time.time()
     teacher_s = None
     if not (teacher_dir / "model.safetensors").exists():
-        t0 = time.time()
         cfg = _resolve(as_overrides({**data, **spec["teacher"], "out_dir": str(out_dir), "name": teacher_dir.name,
                                "overwrite": True}), TEACHER_BASE)
         train(cfg)
-        teacher_s = time.time() - t0
+        teacher_s = time.time() - start
         print(f"[suite] teacher trained in {teacher_s:.0f}s", flush=True)
     rows = []
     for method, overrides in spec["methods"].items():

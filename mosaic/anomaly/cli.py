@@ -80,7 +80,7 @@ NORMAL_NAMES = ("good", "normal", "ok")
 def _options(items: Sequence[str], defaults: dict) -> dict:
     """`defaults` < an optional YAML file < key=value items (unknown keys are ConfigErrors with close matches)."""
     yaml_path, overrides = config_lib.split_args(items)
-    opts = config_lib.merge(defaults, config_lib.load_yaml(yaml_path)) if yaml_path else dict(defaults)
+    opts = config_lib.merge(defaults, config_lib.load_yaml(yaml_path)) if yaml_path else defaults
     given = {}
     for item in overrides:
         key, text = item.split("=", 1)
