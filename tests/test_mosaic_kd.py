@@ -16,8 +16,8 @@ from mosaic.models import create_model, freeze
 B, SIZE = 4, 16
 
 
-def make_method(seed: int = 0, **opts) -> MosaicKD:
-    """A MosaicKD instance on CPU with tiny random teacher/student, outside the engine."""
+def make_method(seed: int = 0, student: torch.nn.Module | None = None, **opts) -> MosaicKD:
+    """A MosaicKD instance on CPU with tiny random teacher/student (or `student`), outside the engine."""
     from accelerate import Accelerator
 
     torch.manual_seed(seed)
@@ -25,7 +25,7 @@ def make_method(seed: int = 0, **opts) -> MosaicKD:
                                                               "student_steps": 2, **opts}.items()],
                   method_defaults=method_defaults)
     teacher = freeze(create_model("cnn_tiny", num_classes=3))
-    student = create_model("cnn_tiny", num_classes=3)
+    student = student if student is not None else create_model("cnn_tiny", num_classes=3)
     ctx = Context(cfg=cfg, opts=cfg["mosaic"], teacher=teacher, student=student, num_classes=3, image_size=SIZE,
                   channels=3, mean=torch.tensor([0.5, 0.4, 0.3]), std=torch.tensor([0.2, 0.25, 0.3]),
                   device=torch.device("cpu"), accelerator=Accelerator(cpu=True), steps=10, batch_size=B)
@@ -256,3 +256,16 @@ def test_student_bn_ood_does_not_change_the_training_losses():
         m = make_method(seed=3, student_steps=2, student_bn=mode)
         losses[mode] = {k: float(v) for k, v in m.step(ood_batch(m), 0).items()}
     assert losses["mixed"] == pytest.approx(losses["ood"], abs=1e-6)
+
+
+def test_student_bn_ood_keeps_the_weights_of_mixed_with_a_dropout_student():
+    """The extra BN forward draws dropout masks from a forked stream: two steps end with the same weights."""
+    weights = {}
+    for mode in ("mixed", "ood"):
+        torch.manual_seed(5)
+        student = torch.nn.Sequential(torch.nn.Dropout(0.3), create_model("cnn_tiny", num_classes=3))
+        m = make_method(seed=3, student=student, student_steps=2, student_bn=mode)
+        for step in range(2):
+            m.step(ood_batch(m, seed=step + 1), step)
+        weights[mode] = torch.cat([p.detach().flatten() for p in m.student.parameters()])
+    assert torch.equal(weights["mixed"], weights["ood"])

@@ -14,7 +14,8 @@ iteration = 1 D step, 1 G step, then `student_steps` S steps:
 `student_bn=ood` keeps generated images out of the student's BatchNorm running statistics
 (the ones it is evaluated and deployed with): its forwards on mixed batches and in the G step
 normalise with batch statistics but leave the running ones alone, and one extra no-grad
-forward of each step's OOD half updates them. The reference code mixes them in (`mixed`).
+forward of each step's OOD half updates them (its random draws come from a forked stream,
+so the weights end exactly as under `mixed`). The reference code mixes them in (`mixed`).
 
 Speed switches (options below) change how the step runs, never what it computes: at equal
 seed on CPU fp32 the losses match with them on or off (tests/test_speed_switches.py).
@@ -182,8 +183,7 @@ class MosaicKD(Method):
             self.backward(loss_s)
             self.student_opt.step()
             if o["student_bn"] == "ood":  # running statistics from the OOD half alone
-                with torch.no_grad():
-                    self.run(self.accelerator.unwrap_model(self.student))(x[len(x) - B:])
+                self._track_bn(x[len(x) - B:])
 
         out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "loss_s": loss_s.detach()}
         out.update({k: v.detach() for k, v in g.items()})
@@ -212,6 +212,17 @@ class MosaicKD(Method):
         with targets():
             t_all = teacher(torch.cat(xs)).split([len(x) for x in xs])
         yield from zip(xs, t_all)
+
+    @torch.no_grad()
+    def _track_bn(self, ood: Tensor) -> None:
+        """One train-mode student forward of `ood` that only refreshes BN running statistics.
+
+        Its random draws (dropout, drop-path) come from a forked stream, so the training run
+        makes exactly the draws, and ends with exactly the weights, of `student_bn=mixed`.
+        """
+        cuda = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            self.run(self.accelerator.unwrap_model(self.student))(ood)
 
     def _bn_kept(self, student: nn.Module):
         """Under student_bn=ood, a context in which the student's forward leaves its BN running statistics alone."""
