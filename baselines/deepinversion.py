@@ -85,7 +85,8 @@ class DeepInversion(Method):
                                 device=ctx.device)
         self.filled = 0
         d = ctx.cfg["data"]
-        self.augment = Augment(image_size=ctx.image_size, padding=d["crop_padding"], flip=d["flip"]).to(ctx.device)
+        self.augment = Augment(image_size=ctx.image_size, padding=d["crop_padding"], flip=d["flip"],
+                               padding_mode=d["padding_mode"]).to(ctx.device)
         self.stream: Stream | None = None
         self._stream_state: dict | None = None
         shape = (1, ctx.channels, 1, 1)

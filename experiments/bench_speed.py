@@ -117,7 +117,8 @@ class Ours:
             setattr(method, f"{name}_opt", accelerator.prepare(opt))
         ctx.student = method.student
         d = cfg["data"]
-        augment = Augment(image_size=s.image_size, padding=d["crop_padding"], flip=d["flip"]).to(s.device)
+        augment = Augment(image_size=s.image_size, padding=d["crop_padding"], flip=d["flip"],
+                          padding_mode=d["padding_mode"]).to(s.device)
         self.streams = {key: Stream(pool.to(s.device), seed=s.seed, augment=augment) for key in self.needs}
         self.method, self.step = method, 0
 

@@ -66,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
         "on_corrupt": "warn",   # unreadable image: warn (skip it) | error
         "cache": True,          # cache decoded images as uint8 tensors
         "crop_padding": 4,      # random-crop padding of the in-device augmentation (0: none)
+        "padding_mode": "constant",  # what fills that padding: constant (black, as torchvision's CIFAR recipe)
+                                #   | reflect | replicate (no black borders for a discriminator to learn)
         "flip": True,           # random horizontal flip
     },
     "teacher": {
@@ -210,6 +212,11 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError(f"'data.channels' must be 1 or 3, got {data['channels']!r}")
     for key in ("train_limit", "test_limit", "ood_limit", "ood_select"):
         positive(f"data.{key}", data[key], allow_none=True)
+    if data["padding_mode"] not in ("constant", "reflect", "replicate"):
+        raise ConfigError(f"'data.padding_mode' must be constant, reflect or replicate, got {data['padding_mode']!r}")
+    if data["padding_mode"] == "reflect" and data["crop_padding"] >= data["image_size"]:
+        raise ConfigError(f"'data.padding_mode=reflect' needs data.crop_padding < data.image_size "
+                          f"({data['crop_padding']} >= {data['image_size']}); lower the padding or use replicate")
     if data["on_corrupt"] not in ("warn", "error"):
         raise ConfigError(f"'data.on_corrupt' must be warn or error, got {data['on_corrupt']!r}")
     if cfg["mixed_precision"] not in ("no", "fp16", "bf16"):

@@ -127,3 +127,33 @@ def test_grayscale_28px_teacher_then_mosaic(tmp_path):
     assert 0.0 <= res["student_top1"] <= 1.0
     from PIL import Image
     assert Image.open(tmp_path / "m" / "samples" / "final.png").size[0] > 28
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_padding_mode_reaches_the_training_batches(tiny_task, tmp_path, monkeypatch, mode):
+    """data.padding_mode fills the crop padding of the engine's batches: black rows only under constant."""
+    import mosaic.engine as engine
+
+    seen = []
+
+    class Recording(engine.Augment):
+        def forward(self, images):
+            out = super().forward(images)
+            seen.append(out.detach().clone())
+            return out
+
+    monkeypatch.setattr(engine, "Augment", Recording)
+    train(cfg_for(tiny_task, tmp_path, TEACHER_BASE, name="pad", steps=4, epochs="null",
+                  **{"student.arch": "cnn_tiny", "data.crop_padding": 4, "data.padding_mode": mode}))
+    x = torch.cat(seen)
+    black_rows = (x.amax(dim=(1, 3)) == 0).sum()  # image rows that are zero in every channel and column
+    assert len(x) == 4 * 8
+    assert (black_rows > 0) if mode == "constant" else (black_rows == 0)
+
+
+def test_padding_mode_is_checked(tiny_task, tmp_path):
+    from mosaic.config import ConfigError
+    with pytest.raises(ConfigError, match="data.padding_mode.*constant, reflect or replicate"):
+        cfg_for(tiny_task, tmp_path, **{"data.padding_mode": "wrap"})
+    with pytest.raises(ConfigError, match="crop_padding < data.image_size"):
+        cfg_for(tiny_task, tmp_path, **{"data.padding_mode": "reflect", "data.crop_padding": 16})
