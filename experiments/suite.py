@@ -6,7 +6,8 @@
 
 A suite is a YAML file in experiments/suites/: `teacher` (overrides for `mosaic
 train-teacher`), `common` (overrides for every distillation run) and `methods`
-(name -> overrides; `label` renames a row, so one method can appear twice). The
+(row name -> overrides; a `method` override runs that method under the row's name, `label`
+renames a row, so one method can appear twice). The
 teacher run (`teacher_run`, default `<suite>-teacher`) is reused when its model
 already exists, so suites with the same teacher section can share it.
 """
