@@ -84,9 +84,7 @@ class DeepInversion(Method):
         self.pool = torch.empty((o["pool_size"], ctx.channels, ctx.image_size, ctx.image_size), dtype=torch.uint8,
                                 device=ctx.device)
         self.filled = 0
-        d = ctx.cfg["data"]
-        self.augment = Augment(image_size=ctx.image_size, padding=d["crop_padding"], flip=d["flip"],
-                               padding_mode=d["padding_mode"]).to(ctx.device)
+        self.augment = Augment.from_config(ctx.cfg["data"], image_size=ctx.image_size).to(ctx.device)
         self.stream: Stream | None = None
         self._stream_state: dict | None = None
         shape = (1, ctx.channels, 1, 1)

@@ -116,9 +116,7 @@ class Ours:
                 opt, lambda i: lr_factor(i, 10_000, kind=cfg["schedule"], warmup=float(cfg["warmup"]))))
             setattr(method, f"{name}_opt", accelerator.prepare(opt))
         ctx.student = method.student
-        d = cfg["data"]
-        augment = Augment(image_size=s.image_size, padding=d["crop_padding"], flip=d["flip"],
-                          padding_mode=d["padding_mode"]).to(s.device)
+        augment = Augment.from_config(cfg["data"], image_size=s.image_size).to(s.device)
         self.streams = {key: Stream(pool.to(s.device), seed=s.seed, augment=augment) for key in self.needs}
         self.method, self.step = method, 0
 

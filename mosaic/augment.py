@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,12 @@ class Augment(nn.Module):
         if flip:
             steps.append(K.RandomHorizontalFlip(p=0.5))
         self.steps = nn.Sequential(*steps)
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any], *, image_size: int) -> "Augment":
+        """The augmentation a resolved config's `data` section asks for (crop_padding, padding_mode, flip)."""
+        return cls(image_size=image_size, padding=data["crop_padding"], flip=data["flip"],
+                   padding_mode=data["padding_mode"])
 
     def forward(self, images: Tensor) -> Tensor:
         """Augment a batch (N, C, H, W) of uint8 or [0, 1] float images; returns float [0, 1]."""

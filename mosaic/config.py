@@ -212,8 +212,10 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError(f"'data.channels' must be 1 or 3, got {data['channels']!r}")
     for key in ("train_limit", "test_limit", "ood_limit", "ood_select"):
         positive(f"data.{key}", data[key], allow_none=True)
-    if data["padding_mode"] not in ("constant", "reflect", "replicate"):
-        raise ConfigError(f"'data.padding_mode' must be constant, reflect or replicate, got {data['padding_mode']!r}")
+    from mosaic.augment import PADDING_MODES  # the modes Augment implements (imported here: config stays torch-free)
+    if data["padding_mode"] not in PADDING_MODES:
+        raise ConfigError(f"'data.padding_mode' must be {', '.join(PADDING_MODES[:-1])} or {PADDING_MODES[-1]}, "
+                          f"got {data['padding_mode']!r}")
     if data["padding_mode"] == "reflect" and data["crop_padding"] >= data["image_size"]:
         raise ConfigError(f"'data.padding_mode=reflect' needs data.crop_padding < data.image_size "
                           f"({data['crop_padding']} >= {data['image_size']}); lower the padding or use replicate")

@@ -479,8 +479,7 @@ def train(cfg: dict) -> dict[str, Any]:
     if "ood" in sets and d["ood_select"] and teacher is not None:
         sets["ood"] = select_ood(sets["ood"], ctx, keep=d["ood_select"], teacher_file=cfg["teacher"]["checkpoint"],
                                  batch_size=cfg["eval_batch_size"])
-    augment = Augment(image_size=d["image_size"], padding=d["crop_padding"], flip=d["flip"],
-                      padding_mode=d["padding_mode"]).to(device)
+    augment = Augment.from_config(d, image_size=d["image_size"]).to(device)
     streams = {key: Stream(sets[key].images.to(device), sets[key].labels.to(device) if key == "train" else None,
                            seed=cfg["seed"], rank=accelerator.process_index, world_size=accelerator.num_processes,
                            augment=augment)
