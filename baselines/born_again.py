@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -9,7 +10,6 @@ from torch import Tensor, nn
 from baselines.common import StreamMethod, check_fraction, test_top1
 from baselines.losses import hinton_kd
 from mosaic.config import ConfigError
-from mosaic.engine import lr_factor
 from mosaic.methods import Context, register_method
 from mosaic.methods.supervised import sgd
 from mosaic.models import create_model, freeze, unwrap_model
@@ -79,22 +79,21 @@ class BornAgain(StreamMethod):
         opt = getattr(self.student_opt, "optimizer", self.student_opt)
         opt.state.clear()
 
-    def _set_lr(self, step: int) -> None:
-        """Restart the run's LR schedule within each generation (the engine's scheduler resets it every step)."""
+    def lr_lambda(self, player: str, schedule: Callable[[int, int], float]) -> Callable[[int], float]:
+        """With `restart_schedule`, the run's schedule restarted over each generation's own steps."""
+        if player != "student" or not self.opts["restart_schedule"]:
+            return super().lr_lambda(player, schedule)
         starts = [0, *self.boundaries(), self.ctx.steps]
-        g = self.generation_of(step)
-        local, length = step - starts[g], starts[g + 1] - starts[g]
-        cfg = self.ctx.cfg
-        lr = cfg["student"]["lr"] * lr_factor(local, length, kind=cfg["schedule"], warmup=float(cfg["warmup"]))
-        for group in self.student_opt.param_groups:
-            group["lr"] = lr
+
+        def factor(step: int) -> float:
+            g = self.generation_of(step)
+            return schedule(step - starts[g], starts[g + 1] - starts[g])
+        return factor
 
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         o = self.opts
         while len(self.frozen) < self.generation_of(step):
             self.start_generation()
-        if o["restart_schedule"]:
-            self._set_lr(step)  # the engine's logged "lr" stays the run-wide schedule; gen_lr is the one used
         x, y = self.inputs(batch)
         with torch.no_grad():
             t_logits = self.current_teacher()(x)

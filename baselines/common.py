@@ -52,22 +52,13 @@ class StreamMethod(Method):
             opt.step()
 
 
-def load_test_set(ctx: Context):
-    """The run's labelled test set (data.test) as the engine loads it, or None when there is none."""
-    from mosaic.engine import load_split
-
-    return load_split(ctx.cfg, "test") if ctx.cfg["data"]["test"] else None
-
-
 @torch.no_grad()
 def test_top1(ctx: Context, models: dict[str, nn.Module], *, ensemble: str | None = "ensemble_top1") -> dict:
     """Top-1 of each model on the test set, plus that of their softmax-averaged ensemble under `ensemble`.
 
     The test set is sharded over processes like the engine's evaluator; {} when data.test is unset.
     """
-    from mosaic.engine import predict
-
-    test = load_test_set(ctx)
+    test = ctx.test_set()
     if test is None or not models:
         return {}
     acc = ctx.accelerator
@@ -81,7 +72,7 @@ def test_top1(ctx: Context, models: dict[str, nn.Module], *, ensemble: str | Non
 
     out, mean_probs = {}, None
     for name, model in models.items():
-        logits = predict(model, images, ctx, batch_size=batch_size)
+        logits = ctx.predict(model, images, batch_size=batch_size)
         out[name] = fraction(logits.argmax(1))
         probs = logits.softmax(1) / len(models)
         mean_probs = probs if mean_probs is None else mean_probs + probs

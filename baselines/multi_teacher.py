@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from baselines.common import StreamMethod, check_fraction
 from baselines.losses import multi_teacher_kd, teacher_weights
 from mosaic.config import ConfigError
-from mosaic.engine import load_classifier
 from mosaic.methods import Context, register_method
 from mosaic.methods.supervised import sgd
 from mosaic.models import freeze
@@ -35,7 +34,7 @@ class MultiTeacherKD(StreamMethod):
             paths = [paths]
         self.teachers: list[nn.Module] = [self.teacher]
         for path in paths:
-            model, meta = load_classifier(path, in_chans=ctx.channels, default_classes=ctx.num_classes)
+            model, meta = ctx.load_classifier(path)
             if meta["num_classes"] != ctx.num_classes:
                 raise ConfigError(f"multi_teacher.teachers: '{path}' has {meta['num_classes']} classes but the task "
                                   f"has {ctx.num_classes}; every teacher must share the run teacher's classes")

@@ -6,7 +6,7 @@ the same random-initialised models (no checkpoint, no data: a random uint8 pool 
 for the OOD images):
 
   ours       the MosaicKD method object built as mosaic.engine.train builds it (Context,
-             Accelerate-prepared players, LR schedulers, device-resident OOD stream with
+             players and LR schedulers from mosaic.engine.prepare_players, device-resident OOD stream with
              kornia augmentation) and timed as the engine calls it: streams, then
              `method.step` under `accelerator.autocast()`, then the schedulers.
   reference  the paper's algorithm written out step by step in plain eager fp32 torch:
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mosaic.augment import Augment  # noqa: E402
 from mosaic.config import resolve  # noqa: E402
-from mosaic.engine import lr_factor  # noqa: E402
+from mosaic.engine import prepare_players  # noqa: E402
 from mosaic.methods import Context, get_method, method_defaults  # noqa: E402
 from mosaic.models import create_model, freeze  # noqa: E402
 from mosaic.stream import Stream  # noqa: E402
@@ -105,17 +105,7 @@ class Ours:
                       steps=10_000, batch_size=s.batch)
         method = method_cls(ctx)
         self.initial = {name: copy.deepcopy(getattr(method, name)) for name in ("teacher", *method.players)}
-        self.schedulers = []
-        for name in method.players:  # as the engine: channels_last, prepare, an LR schedule per optimizer
-            module = getattr(method, name)
-            if cfg["channels_last"]:
-                module = module.to(memory_format=torch.channels_last)
-            setattr(method, name, accelerator.prepare(module))
-            opt = getattr(method, f"{name}_opt")
-            self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda i: lr_factor(i, 10_000, kind=cfg["schedule"], warmup=float(cfg["warmup"]))))
-            setattr(method, f"{name}_opt", accelerator.prepare(opt))
-        ctx.student = method.student
+        self.schedulers, _ = prepare_players(method, cfg, accelerator)  # exactly as a run prepares them
         augment = Augment.from_config(cfg["data"], image_size=s.image_size).to(s.device)
         self.streams = {key: Stream(pool.to(s.device), seed=s.seed, augment=augment) for key in self.needs}
         self.method, self.step = method, 0

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["DataError", "ImageSet", "data_root", "load_image_set", "cache_dir", "IMAGE_EXTENSIONS"]
+__all__ = ["DataError", "ImageSet", "data_root", "load_image_set", "load_split", "cache_dir", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -179,6 +179,16 @@ def load_image_set(
         if path is not None:
             _save_cache(path, result, skipped)
     return result
+
+
+def load_split(cfg: dict, key: str, *, image_size: int | None = None, channels: int | None = None) -> ImageSet:
+    """Decode (or read from cache) `data.<key>` ("train", "test" or "ood") of a resolved run config."""
+    d = cfg["data"]
+    split = "test" if key == "test" else "train"
+    return load_image_set(d[key], split=split, image_size=image_size or d["image_size"],
+                          channels=channels or d["channels"], root=d["root"], download=d["download"],
+                          limit=d[f"{key}_limit"], labelled=key != "ood", on_corrupt=d["on_corrupt"],
+                          cache=d["cache"], seed=cfg["seed"])
 
 
 def _check_options(spec, split, image_size, channels, limit, on_corrupt) -> None:

@@ -132,17 +132,17 @@ def test_grayscale_28px_teacher_then_mosaic(tmp_path):
 @pytest.mark.parametrize("mode", ["constant", "reflect"])
 def test_padding_mode_reaches_the_training_batches(tiny_task, tmp_path, monkeypatch, mode):
     """data.padding_mode fills the crop padding of the engine's batches: black rows only under constant."""
-    import mosaic.engine as engine
+    import mosaic.engine.task as engine_task
 
     seen = []
 
-    class Recording(engine.Augment):
+    class Recording(engine_task.Augment):
         def forward(self, images):
             out = super().forward(images)
             seen.append(out.detach().clone())
             return out
 
-    monkeypatch.setattr(engine, "Augment", Recording)
+    monkeypatch.setattr(engine_task, "Augment", Recording)
     train(cfg_for(tiny_task, tmp_path, TEACHER_BASE, name="pad", steps=4, epochs="null",
                   **{"student.arch": "cnn_tiny", "data.crop_padding": 4, "data.padding_mode": mode}))
     x = torch.cat(seen)

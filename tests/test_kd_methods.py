@@ -252,19 +252,25 @@ def test_dml_peers_differ_and_all_update():
 
 
 def test_born_again_generations(tiny_task):
+    from mosaic.engine.schedule import make_scheduler
+
     m = make("born_again", steps=6, generations=3, test=str(tiny_task["task"]))
     assert m.boundaries() == [2, 4]
     lr = m.ctx.cfg["student"]["lr"]
+    sched = make_scheduler(m, "student", m.student_opt, m.ctx.cfg)  # as the engine schedules the student
     teachers_seen = []
     for step in range(6):
         if step == 2:
             last_gen1 = params(m.student)
         m.step(labelled_batch(step), step)
+        if step in (1, 3, 5):  # second step of a generation: the cosine over its own two steps is at half
+            assert m.student_opt.param_groups[0]["lr"] == pytest.approx(lr * 0.5)
         teachers_seen.append(m.current_teacher())
         if step in (2, 4):
             assert m.student_opt.param_groups[0]["lr"] == pytest.approx(lr)  # schedule restarted
         if step == 2:
             assert torch.equal(params(m.frozen[0]), last_gen1)  # generation 1 frozen as it was
+        sched.step()
     assert len(m.frozen) == 2
     assert teachers_seen[:2] == [m.teacher] * 2
     assert teachers_seen[2] is m.frozen[0] and teachers_seen[4] is m.frozen[1]

@@ -146,7 +146,7 @@ class MKD(nn.Module):
 
 def _load_source(path: Union[str, Path]) -> tuple[nn.Module, dict]:
     """Load the source classifier written by `mosaic train-teacher` (or save_model)."""
-    from mosaic.engine import load_classifier
+    from mosaic.models import load_classifier
 
     return load_classifier(path)
 

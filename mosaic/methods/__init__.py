@@ -28,38 +28,24 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from mosaic.config import ConfigError
+from mosaic.methods.context import Context
+
+__all__ = ["Context", "Method", "frozen_bn_stats", "get_method", "list_methods", "method_defaults",
+           "no_param_grad", "register_method", "sgd"]
 
 
-@dataclass
-class Context:
-    """What the engine hands a method: config, networks, task shape and device."""
-    cfg: dict                       # the full resolved config
-    opts: dict                      # this method's section of the config
-    teacher: nn.Module | None       # frozen, on the device (None when training a teacher)
-    student: nn.Module              # fresh (or initialised) student on the device, not yet prepared
-    num_classes: int
-    image_size: int
-    channels: int
-    mean: Tensor                    # in-domain normalisation, shape (C,), on the device
-    std: Tensor
-    device: torch.device
-    accelerator: Any                # accelerate.Accelerator
-    steps: int                      # total training steps of the run
-    batch_size: int                 # per process
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """Map [0, 1] images to the in-domain normalised space the classifiers expect."""
-        mean = self.mean.to(x.dtype).view(1, -1, 1, 1)
-        std = self.std.to(x.dtype).view(1, -1, 1, 1)
-        return (x - mean) / std
+def sgd(params: Iterable[nn.Parameter], student_cfg: dict) -> torch.optim.Optimizer:
+    """SGD from the config's student section (lr, momentum, weight_decay, nesterov); foreach kernels."""
+    return torch.optim.SGD(params, lr=student_cfg["lr"], momentum=student_cfg["momentum"],
+                           weight_decay=student_cfg["weight_decay"], nesterov=student_cfg["nesterov"],
+                           foreach=True)
 
 
 class Method:
@@ -68,6 +54,7 @@ class Method:
     defaults: ClassVar[dict] = {}
     needs: ClassVar[dict[str, int]] = {}
     players: ClassVar[tuple[str, ...]] = ("student",)
+    requires_teacher: ClassVar[bool] = True   # False: the method trains without a teacher (supervised, DML)
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -114,6 +101,27 @@ class Method:
     def backward(self, loss: Tensor) -> None:
         """Backward through Accelerate (gradient scaling under fp16)."""
         self.accelerator.backward(loss)
+
+    def update(self, loss: Tensor, *optimizers: torch.optim.Optimizer) -> None:
+        """Zero the optimizers' gradients, back-propagate `loss` through Accelerate and step them all."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.backward(loss)
+        for opt in optimizers:
+            opt.step()
+
+    def student_optimizer(self, params: Iterable[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+        """The config's student optimizer (SGD from `student.*`) over `params`, default the student's."""
+        return sgd(self.student.parameters() if params is None else params, self.ctx.cfg["student"])
+
+    def lr_lambda(self, player: str, schedule: Callable[[int, int], float]) -> Callable[[int], float]:
+        """Learning-rate multiplier of `player`'s optimizer at each step of the run.
+
+        `schedule(step, total)` is the run's schedule (`schedule`, `warmup`) over `total` steps; the default
+        applies it over the whole run. Override to schedule differently (born-again networks restart it
+        in every generation).
+        """
+        return lambda step: schedule(step, self.ctx.steps)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from .errors import CheckpointError
 from .factory import create_model
 from .utils import unwrap_model
 
-__all__ = ["LoadReport", "load_state", "load_model", "read_state_dict", "save_model", "WEIGHT_KEYS"]
+__all__ = ["LoadReport", "load_classifier", "load_state", "load_model", "read_state_dict", "save_model", "WEIGHT_KEYS"]
 
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
@@ -321,3 +321,31 @@ def load_model(
     )
     load_state(model, weights)
     return model.to(device).eval(), meta
+
+
+def load_classifier(checkpoint: PathLike, *, arch: Optional[str] = None, num_classes: Optional[int] = None,
+                    in_chans: int = 3, default_classes: Optional[int] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Load a classifier from our safetensors+JSON pair, a run folder, or any state_dict file given its arch.
+
+    Unlike `load_model`, an `arch` / `num_classes` that contradicts the JSON twin is an error, not an
+    override. `default_classes` (the data's class count) is used for a bare state_dict when num_classes
+    is not given.
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' not found")
+    twin = path / "model.json" if path.is_dir() else path.with_suffix(".json")
+    if twin.is_file():
+        model, meta = load_model(path)
+        if arch is not None and arch != meta["arch"]:
+            raise CheckpointError(f"checkpoint '{path}' holds a {meta['arch']}, but arch={arch} was asked for")
+        if num_classes is not None and num_classes != meta["num_classes"]:
+            raise CheckpointError(f"checkpoint '{path}' has {meta['num_classes']} classes, but num_classes={num_classes}")
+        return model, meta
+    num_classes = num_classes or default_classes
+    if arch is None or num_classes is None:
+        raise CheckpointError(f"checkpoint '{path}' has no model.json beside it: give its architecture and "
+                              f"class count (teacher.arch=..., teacher.num_classes=...)")
+    model = create_model(arch, num_classes=num_classes, in_chans=in_chans)
+    load_state(model, path)
+    return model.eval(), {"arch": arch, "num_classes": num_classes, "in_chans": in_chans}

@@ -1,0 +1,238 @@
+"""The one training loop every method runs on: `train(cfg)` reads top to bottom."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mosaic import config as config_lib
+from mosaic.engine.evaluation import Evaluator
+from mosaic.engine.folder import (check_run_dir, checkpoints, load_latest_checkpoint, prepare_run_dir,
+                                  save_checkpoint, save_grid)
+from mosaic.engine.metrics import MetricLog
+from mosaic.engine.players import prepare_players
+from mosaic.engine.task import build_student, make_streams, memory_format, setup_task
+from mosaic.guard import DivergenceError, Guard, scale_learning_rates
+from mosaic.methods import Context, get_method
+from mosaic.models import save_model
+from mosaic.ood_select import select_ood
+
+
+class Progress:
+    """The step counter and the divergence guard's restore count, checkpointed with the run."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.restores = 0      # times the guard went back to a checkpoint
+        self.lr_scale = 1.0    # learning-rate multiplier those restores applied
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "restores": self.restores, "lr_scale": self.lr_scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.restores = int(state.get("restores", 0))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+
+
+class StopFlag:
+    """Turns SIGTERM/SIGINT into a request to checkpoint and stop at the end of the step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def guard_check(guard: Guard, players: dict, progress: Progress, schedulers: list, log: MetricLog, accelerator,
+                folder, cfg: dict, step: int) -> bool:
+    """Act on non-finite values (stop, or restore the last checkpoint with lower LRs); True after a restore."""
+    problem = guard.problems(players)
+    flag = torch.tensor(float(problem is not None), device=accelerator.device)
+    if accelerator.reduce(flag, reduction="sum").item() == 0:  # every rank takes the same decision
+        return False
+    problem = problem or "another process saw non-finite values"
+    where = f"run '{folder}' diverged at or before step {step}: {problem}"
+    g = cfg["guard"]
+    if guard.mode != "restore" or progress.restores >= g["max_restores"]:
+        tried = f" after {progress.restores} restore(s)" if guard.mode == "restore" else ""
+        raise DivergenceError(f"{where}{tried}. Lower the learning rates (student.lr, <method>.lr_*), "
+                              f"or set guard.on_nonfinite=restore to go back and continue with lower ones")
+    restores = progress.restores + 1
+    ckpt = load_latest_checkpoint(accelerator, folder)
+    if ckpt is None:
+        raise DivergenceError(f"{where}; no checkpoint to restore")
+    target = g["lr_factor"] ** restores
+    scale_learning_rates(schedulers, target / progress.lr_scale)  # the checkpoint has its own scale
+    progress.restores, progress.lr_scale = restores, target
+    guard.reset()
+    log.truncate(progress.step)
+    log.write(progress.step, {"guard/restored_from": progress.step, "guard/restores": restores,
+                              "guard/lr_scale": target})
+    if accelerator.is_main_process:
+        print(f"warning: {where}; restored {ckpt.name} with learning rates x{target:g}")
+    return True
+
+
+def train(cfg: dict) -> dict[str, Any]:
+    """Run one training job described by a resolved config; returns results.json's content."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    method_cls = get_method(cfg["method"])
+    needs = method_cls.stream_needs(cfg.get(cfg["method"], {}))
+    accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision=cfg["mixed_precision"])
+    main, device = accelerator.is_main_process, accelerator.device
+    set_seed(cfg["seed"], device_specific=True)  # ranks differ: noise and augmentation are per process
+    check_run_dir(cfg)  # refuse early; the folder itself is made once every input has been checked
+
+    task = setup_task(cfg, needs, accelerator, requires_teacher=method_cls.requires_teacher)
+    steps, batch_size, sets = task.steps, task.batch_size, task.sets
+    cfg = {**cfg, "steps": steps}
+    teacher = task.teacher.to(device, memory_format=memory_format(cfg)) if task.teacher is not None else None
+    ctx = Context(cfg=cfg, opts=cfg.get(cfg["method"], {}), teacher=teacher,
+                  student=build_student(cfg, task.num_classes, device), num_classes=task.num_classes,
+                  image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"],
+                  mean=torch.tensor(task.mean, device=device), std=torch.tensor(task.std, device=device),
+                  device=device, accelerator=accelerator, steps=steps, batch_size=batch_size)
+    method = method_cls(ctx)
+    folder = prepare_run_dir(cfg, accelerator)
+    if main:
+        config_lib.dump(cfg, folder / "config.yaml")
+
+    g = cfg["guard"]
+    guard = Guard(mode=g["on_nonfinite"], every=g["every"], max_skips=g["max_skips"], device=device)
+    schedulers, players = prepare_players(method, cfg, accelerator, guard=guard)
+    d = cfg["data"]
+    if "ood" in sets and d["ood_select"] and teacher is not None:
+        sets["ood"] = select_ood(sets["ood"], ctx, keep=d["ood_select"], teacher_file=cfg["teacher"]["checkpoint"],
+                                 batch_size=cfg["eval_batch_size"])
+    streams = make_streams(cfg, sets, needs, accelerator)
+    progress = Progress()
+    for obj in (progress, *schedulers, *streams.values(), method):
+        accelerator.register_for_checkpointing(obj)
+
+    resume_step = None
+    if cfg["resume"]:
+        if load_latest_checkpoint(accelerator, folder) is not None:
+            resume_step = progress.step
+            if main:
+                print(f"resumed {folder} from step {resume_step}")
+        elif main:
+            print(f"resume=true but {folder} has no usable checkpoint: starting from step 0")
+    log = MetricLog(folder, enabled=main, resume_step=resume_step)
+    evaluator = Evaluator(sets["test"], ctx, batch_size=cfg["eval_batch_size"]) if "test" in sets else None
+    if guard.mode == "restore" and not checkpoints(folder):
+        save_checkpoint(accelerator, folder, progress.step, cfg["keep_ckpts"])  # something to go back to
+
+    def due(every: int, step: int) -> bool:
+        return every > 0 and step % every == 0 and step != steps
+
+    sums: dict[str, Tensor] = {}
+    count, last_eval, t_start = 0, {}, time.time()
+    bar = tqdm(total=steps, initial=progress.step, disable=not (main and cfg["progress"]), desc=cfg["method"],
+               dynamic_ncols=True)
+    with StopFlag() as stop:
+        while progress.step < steps:
+            batch: dict[str, Tensor] = {}
+            for key, n in needs.items():
+                x, y = streams[key].next(n * batch_size)
+                batch[key] = x
+                if y is not None:
+                    batch[f"{key}_labels"] = y
+            with accelerator.autocast():
+                losses = method.step(batch, progress.step)
+            for sched in schedulers:
+                sched.step()
+            progress.step += 1
+            step = progress.step
+            guard.observe(losses, step)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+            count += 1
+            bar.update(1)
+            saving = due(cfg["ckpt_every"], step) or stop.requested
+            if guard.enabled and (step % guard.every == 0 or saving or step == steps) and guard_check(
+                    guard, players, progress, schedulers, log, accelerator, folder, cfg, step):
+                bar.n = progress.step
+                sums, count = {}, 0
+                continue
+            if (cfg["log_every"] and step % cfg["log_every"] == 0) or step == steps:
+                values = {k: float(accelerator.reduce(v / count, reduction="mean").item()) for k, v in sums.items()}
+                if schedulers:
+                    values["lr"] = schedulers[0].get_last_lr()[0]
+                values["elapsed_s"] = round(time.time() - t_start, 3)
+                log.write(step, values)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:4]})
+                sums, count = {}, 0
+            if evaluator is not None and due(cfg["eval_every"], step):
+                last_eval = evaluator(method.eval_model())
+                log.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+            if main and due(cfg["sample_every"], step):
+                save_grid(method.sample_images(64), folder / "samples" / f"step_{step:08d}.png")
+            if saving:
+                save_checkpoint(accelerator, folder, step, cfg["keep_ckpts"])
+            if stop.requested:
+                bar.close()
+                log.close()
+                raise SystemExit(f"stopped by signal at step {step}; checkpoint saved, resume with resume=true")
+    bar.close()
+
+    # End of run: final evaluation, checkpoint, model, samples and results.
+    wall = time.time() - t_start
+    if evaluator is not None:
+        last_eval = evaluator(method.eval_model())
+        log.write(steps, {f"eval/{k}": v for k, v in last_eval.items()})
+    if not checkpoints(folder) or checkpoints(folder)[-1].name != f"step_{steps:08d}":
+        save_checkpoint(accelerator, folder, steps, cfg["keep_ckpts"])
+    s = cfg["student"]
+    results = {
+        "method": cfg["method"], "student": s["arch"], "teacher": task.teacher_meta.get("arch"),
+        "steps": steps, "wall_s": round(wall, 2), "device": device_name(device),
+        "processes": accelerator.num_processes, "global_batch": batch_size * accelerator.num_processes,
+        **last_eval, "final_losses": log.last_losses(), **method.results(),
+    }
+    if guard.enabled:
+        results["guard"] = {"restores": progress.restores, "lr_scale": progress.lr_scale,
+                            "skipped_updates": len(guard.skipped), "first_skips": guard.skipped[:10]}
+    if main:
+        labelled = sets.get("train") or sets.get("test")
+        meta = {"arch": s["arch"], "num_classes": task.num_classes, "in_chans": d["channels"],
+                "image_size": d["image_size"], "mean": list(task.mean), "std": list(task.std),
+                "classes": labelled.classes if labelled is not None else None,
+                "top1": last_eval.get("student_top1")}
+        save_model(accelerator.unwrap_model(method.eval_model()), folder / "model.safetensors", meta=meta)
+        save_grid(method.sample_images(64), folder / "samples" / "final.png")
+        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def device_name(device: torch.device) -> str:
+    """A readable device name for results tables."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"

@@ -1,0 +1,135 @@
+"""Task set-up: the data sets a run needs, the frozen teacher, and the checks that they fit together."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mosaic.augment import Augment
+from mosaic.data import ImageSet, load_split
+from mosaic.engine.folder import RunError
+from mosaic.models import create_model, freeze, load_classifier, load_state
+from mosaic.stream import Stream
+
+
+@dataclass
+class Task:
+    """What the data and the teacher fix before any player exists: sets, teacher, classes, normalisation, budget."""
+    sets: dict[str, ImageSet]
+    teacher: nn.Module | None
+    teacher_meta: dict
+    num_classes: int
+    mean: tuple
+    std: tuple
+    batch_size: int                 # per process and stream
+    steps: int
+
+
+def load_data(cfg: dict, needs: dict[str, int], accelerator) -> dict[str, ImageSet]:
+    """The data sets the method (its streams) and the evaluation (data.test) need."""
+    d = cfg["data"]
+    if "train" in needs and not d["train"]:
+        raise RunError(f"method '{cfg['method']}' trains on labelled in-domain data: set data.train")
+    if "ood" in needs and not d["ood"]:
+        raise RunError(f"method '{cfg['method']}' needs out-of-domain images: set ood=<folder or data set>")
+    keys = [k for k in ("train", "ood") if k in needs] + (["test"] if d["test"] else [])
+    with accelerator.main_process_first():  # the main process fills the decode cache first
+        return {key: load_split(cfg, key) for key in keys}
+
+
+def load_teacher(cfg: dict, sets: dict[str, ImageSet], *, required: bool) -> tuple[nn.Module | None, dict]:
+    """The frozen teacher (or None when the method trains without one) and its metadata."""
+    t = cfg["teacher"]
+    if not t["checkpoint"]:
+        if required:
+            raise RunError(f"method '{cfg['method']}' distils a teacher: pass teacher=<checkpoint> "
+                           f"(train one with `mosaic train-teacher`)")
+        return None, {}
+    labelled = sets.get("train") or sets.get("test")
+    model, meta = load_classifier(t["checkpoint"], arch=t["arch"], num_classes=t["num_classes"],
+                                  in_chans=cfg["data"]["channels"],
+                                  default_classes=labelled.num_classes if labelled is not None else None)
+    return freeze(model), meta
+
+
+def check_task(cfg: dict, sets: dict[str, ImageSet], teacher_meta: dict) -> tuple[int, tuple, tuple]:
+    """Class count and normalisation of the task; mismatches between teacher and data are errors."""
+    d = cfg["data"]
+    num_classes = teacher_meta.get("num_classes")
+    for key in ("train", "test"):
+        s = sets.get(key)
+        if s is None:
+            continue
+        labels_max = int(s.labels.max()) + 1 if s.labels is not None and len(s.labels) else 0
+        if num_classes is None:
+            num_classes = s.num_classes or labels_max
+        if labels_max > num_classes:
+            raise RunError(f"the {key} set '{s.name}' has labels up to {labels_max - 1}, but the teacher has "
+                           f"{num_classes} classes: use the teacher's in-domain data set")
+        if teacher_meta and s.num_classes and s.num_classes != num_classes:
+            raise RunError(f"the teacher has {num_classes} classes but the {key} set '{s.name}' has "
+                           f"{s.num_classes}: give the data set the teacher was trained on")
+    if num_classes is None:
+        raise RunError("cannot tell the number of classes: give a teacher checkpoint or a labelled data.test")
+    for key in ("in_chans", "image_size"):
+        want = d["channels"] if key == "in_chans" else d["image_size"]
+        if key in teacher_meta and teacher_meta[key] != want:
+            name = "data.channels" if key == "in_chans" else "data.image_size"
+            raise RunError(f"the teacher was trained with {key}={teacher_meta[key]} but {name}={want}: "
+                           f"set {name}={teacher_meta[key]}")
+    if "mean" in teacher_meta:
+        mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
+    else:
+        ref = sets.get("train") or sets.get("test") or sets.get("ood")
+        mean, std = ref.mean, ref.std
+    return num_classes, mean, std
+
+
+def per_process_batch(cfg: dict, processes: int) -> int:
+    """Images per process and stream per step: batch_size, or batch_size / processes when global_batch."""
+    if not cfg["global_batch"]:
+        return cfg["batch_size"]
+    if cfg["batch_size"] % processes:
+        raise RunError(f"global_batch=true splits batch_size={cfg['batch_size']} over {processes} processes, "
+                       f"which does not divide it: use a multiple of {processes}")
+    return cfg["batch_size"] // processes
+
+
+def setup_task(cfg: dict, needs: dict[str, int], accelerator, *, requires_teacher: bool) -> Task:
+    """Load and check everything the run's data and teacher fix; `steps` follows `epochs` when that is set."""
+    sets = load_data(cfg, needs, accelerator)
+    teacher, teacher_meta = load_teacher(cfg, sets, required=requires_teacher)
+    num_classes, mean, std = check_task(cfg, sets, teacher_meta)
+    batch_size = per_process_batch(cfg, accelerator.num_processes)
+    steps = cfg["steps"]
+    if cfg["epochs"] is not None and "train" in sets:
+        per_step = batch_size * needs["train"] * accelerator.num_processes
+        steps = max(1, math.ceil(cfg["epochs"] * len(sets["train"]) / per_step))
+    return Task(sets=sets, teacher=teacher, teacher_meta=teacher_meta, num_classes=num_classes, mean=mean,
+                std=std, batch_size=batch_size, steps=steps)
+
+
+def build_student(cfg: dict, num_classes: int, device: torch.device) -> nn.Module:
+    """A fresh student (`student.arch`, initialised from `student.checkpoint` when set) on the device."""
+    s = cfg["student"]
+    student = create_model(s["arch"], num_classes=num_classes, in_chans=cfg["data"]["channels"])
+    if s["checkpoint"]:
+        load_state(student, s["checkpoint"])
+    return student.to(device, memory_format=memory_format(cfg))
+
+
+def memory_format(cfg: dict) -> torch.memory_format:
+    """channels_last when the config asks for it, else the contiguous layout."""
+    return torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+
+
+def make_streams(cfg: dict, sets: dict[str, ImageSet], needs: dict[str, int], accelerator) -> dict[str, Stream]:
+    """One resumable, augmented, per-process stream on the device for each data set the method draws from."""
+    device, d = accelerator.device, cfg["data"]
+    augment = Augment.from_config(d, image_size=d["image_size"]).to(device)
+    return {key: Stream(sets[key].images.to(device), sets[key].labels.to(device) if key == "train" else None,
+                        seed=cfg["seed"], rank=accelerator.process_index, world_size=accelerator.num_processes,
+                        augment=augment)
+            for key in needs}

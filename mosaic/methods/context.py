@@ -1,0 +1,63 @@
+"""The Context the engine hands a method: config, networks, task shape, device, and the services a method may call."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mosaic.augment import to_float
+
+
+@dataclass
+class Context:
+    """What the engine hands a method: config, networks, task shape and device."""
+    cfg: dict                       # the full resolved config
+    opts: dict                      # this method's section of the config
+    teacher: nn.Module | None       # frozen, on the device (None when training a teacher)
+    student: nn.Module              # fresh (or initialised) student on the device, not yet prepared
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: Tensor                    # in-domain normalisation, shape (C,), on the device
+    std: Tensor
+    device: torch.device
+    accelerator: Any                # accelerate.Accelerator
+    steps: int                      # total training steps of the run
+    batch_size: int                 # per process
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Map [0, 1] images to the in-domain normalised space the classifiers expect."""
+        mean = self.mean.to(x.dtype).view(1, -1, 1, 1)
+        std = self.std.to(x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: Tensor, *, batch_size: int | None = None) -> Tensor:
+        """Logits of `model` for uint8 images, in batches (default eval_batch_size), in eval mode (mode restored)."""
+        batch_size = batch_size or self.cfg["eval_batch_size"]
+        was_training = model.training
+        model.eval()
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = self.normalize(to_float(images[i:i + batch_size]))
+            with self.accelerator.autocast():
+                out.append(model(x).float())
+        model.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, self.num_classes, device=images.device)
+
+    def test_set(self):
+        """The run's labelled test set (data.test) as the engine loads it (an ImageSet), or None when unset."""
+        from mosaic.data import load_split
+
+        return load_split(self.cfg, "test") if self.cfg["data"]["test"] else None
+
+    def load_classifier(self, checkpoint: str | os.PathLike, *, arch: str | None = None,
+                        num_classes: int | None = None) -> tuple[nn.Module, dict]:
+        """A classifier checkpoint (as `teacher=` reads it) for this task's channels and classes, in eval mode."""
+        from mosaic.models import load_classifier
+
+        return load_classifier(checkpoint, arch=arch, num_classes=num_classes, in_chans=self.channels,
+                               default_classes=self.num_classes)
