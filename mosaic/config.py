@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -59,7 +60,9 @@ DEFAULTS: dict[str, Any] = {
         "image_size": 32,
         "channels": 3,
         "download": False,      # allow torchvision downloads (needs internet)
-        "train_limit": None,    # keep this many training images (class-balanced)
+        "train_limit": None,    # keep this many training images (class-balanced; after train_classes)
+        "train_classes": None,  # keep only these classes of data.train: a name or index, or a list of them
+                                #   (null: all); MKD anomaly detection fits on the normal class this way
         "test_limit": None,     # keep this many test images (class-balanced)
         "ood_limit": None,      # keep this many OOD images (random subset)
         "ood_select": None,     # keep the N OOD images with the highest teacher entropy (cached per teacher+pool)
@@ -85,6 +88,8 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # numbers such as 1e-3 or 5E4
+
 # `key=value` shorthands on the command line.
 ALIASES = {"teacher": "teacher.checkpoint", "ood": "data.ood", "student": "student.arch",
            "train": "data.train", "test": "data.test", "arch": "student.arch"}
@@ -97,11 +102,14 @@ def _close(key: str, options: Iterable[str]) -> str:
 
 
 def parse_value(text: str) -> Any:
-    """Parse an override value the way YAML would (numbers, bools, null, lists)."""
+    """Parse an override value the way YAML would (numbers, bools, null, lists); 1e-3 is a number too."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):  # YAML 1.1 wants a dot: 1.0e-3
+        return float(value)
+    return value
 
 
 def merge(base: dict, update: Mapping, *, where: str = "", strict: bool = True) -> dict:
@@ -120,14 +128,14 @@ def merge(base: dict, update: Mapping, *, where: str = "", strict: bool = True) 
     return out
 
 
-def overrides_to_dict(overrides: Iterable[str]) -> dict:
-    """Turn ['a.b=1', 'c=x'] into {'a': {'b': 1}, 'c': 'x'} (aliases expanded)."""
+def overrides_to_dict(overrides: Iterable[str], *, aliases: Mapping[str, str] = ALIASES) -> dict:
+    """Turn ['a.b=1', 'c=x'] into {'a': {'b': 1}, 'c': 'x'} (`aliases`, default the shorthands, expanded)."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, text = item.split("=", 1)
-        key = ALIASES.get(key.strip(), key.strip())
+        key = aliases.get(key.strip(), key.strip())
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
@@ -135,6 +143,21 @@ def overrides_to_dict(overrides: Iterable[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier one")
         node[leaf] = parse_value(text)
+    return out
+
+
+def expand_aliases(data: Mapping, aliases: Mapping[str, str]) -> dict:
+    """A YAML mapping with its top-level shorthands expanded (one whose value is a mapping is a section: kept)."""
+    out: dict = {}
+    for key, value in data.items():
+        if key in aliases and not isinstance(value, Mapping):
+            *parents, leaf = aliases[key].split(".")
+            nested: Any = {leaf: value}
+            for part in reversed(parents):
+                nested = {part: nested}
+            out = merge(out, nested, strict=False)
+        else:
+            out = merge(out, {key: value}, strict=False)
     return out
 
 
@@ -165,17 +188,21 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def resolve(*, yaml_path: str | Path | None = None, overrides: Iterable[str] = (),
-            base: Mapping | None = None, method_defaults=None) -> dict:
-    """Build the full config: defaults < `base` < YAML < overrides, with the method's section added.
-
-    `method_defaults(name) -> dict` gives a method's option defaults (the registry's);
-    the method name is read from the merged user input before validation.
-    """
+def user_config(*, yaml_path: str | Path | None = None, overrides: Iterable[str] = (), base: Mapping | None = None,
+                aliases: Mapping[str, str] = ALIASES) -> dict:
+    """What the user asked for, not yet checked: `base` < YAML file < key=value overrides, `aliases` expanded in both."""
     user = merge({}, base or {}, strict=False)
     if yaml_path is not None:
-        user = merge(user, load_yaml(yaml_path), strict=False)
-    user = merge(user, overrides_to_dict(overrides), strict=False)
+        user = merge(user, expand_aliases(load_yaml(yaml_path), aliases), strict=False)
+    return merge(user, overrides_to_dict(overrides, aliases=aliases), strict=False)
+
+
+def complete(user: Mapping, *, method_defaults=None) -> dict:
+    """The full, checked config: the defaults (with the chosen method's section added) < `user`.
+
+    `method_defaults(name) -> dict` gives a method's option defaults (the registry's);
+    the method name is read from `user` before validation.
+    """
     defaults = copy.deepcopy(DEFAULTS)
     method = user.get("method", defaults["method"])
     if method_defaults is not None:
@@ -187,6 +214,17 @@ def resolve(*, yaml_path: str | Path | None = None, overrides: Iterable[str] = (
         cfg["guard"]["on_nonfinite"] = "off"
     validate(cfg)
     return cfg
+
+
+def resolve(*, yaml_path: str | Path | None = None, overrides: Iterable[str] = (),
+            base: Mapping | None = None, method_defaults=None, aliases: Mapping[str, str] = ALIASES) -> dict:
+    """Build the full config: defaults < `base` < YAML < overrides, with the method's section added.
+
+    `aliases` are the command's shorthands (default ALIASES), expanded in the YAML file's top level and
+    in the overrides; `method_defaults` as in `complete`.
+    """
+    return complete(user_config(yaml_path=yaml_path, overrides=overrides, base=base, aliases=aliases),
+                    method_defaults=method_defaults)
 
 
 def validate(cfg: Mapping) -> None:
@@ -212,6 +250,11 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError(f"'data.channels' must be 1 or 3, got {data['channels']!r}")
     for key in ("train_limit", "test_limit", "ood_limit", "ood_select"):
         positive(f"data.{key}", data[key], allow_none=True)
+    classes = data["train_classes"]
+    items = classes if isinstance(classes, list) else [classes]
+    if classes is not None and (not items or not all(isinstance(c, (str, int)) and not isinstance(c, bool)
+                                                     for c in items)):
+        raise ConfigError(f"'data.train_classes' must be a class name or index, or a list of them, got {classes!r}")
     from mosaic.augment import PADDING_MODES  # the modes Augment implements (imported here: config stays torch-free)
     if data["padding_mode"] not in PADDING_MODES:
         raise ConfigError(f"'data.padding_mode' must be {', '.join(PADDING_MODES[:-1])} or {PADDING_MODES[-1]}, "

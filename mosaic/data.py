@@ -21,7 +21,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["DataError", "ImageSet", "data_root", "load_image_set", "load_split", "cache_dir", "IMAGE_EXTENSIONS"]
+__all__ = ["DataError", "ImageSet", "data_root", "load_image_set", "load_split", "class_index", "keep_classes",
+           "cache_dir", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -182,13 +183,46 @@ def load_image_set(
 
 
 def load_split(cfg: dict, key: str, *, image_size: int | None = None, channels: int | None = None) -> ImageSet:
-    """Decode (or read from cache) `data.<key>` ("train", "test" or "ood") of a resolved run config."""
+    """Decode (or read from cache) `data.<key>` ("train", "test" or "ood") of a resolved run config.
+
+    For "train", `data.train_classes` keeps only those classes, and `data.train_limit` then counts their images.
+    """
     d = cfg["data"]
     split = "test" if key == "test" else "train"
-    return load_image_set(d[key], split=split, image_size=image_size or d["image_size"],
-                          channels=channels or d["channels"], root=d["root"], download=d["download"],
-                          limit=d[f"{key}_limit"], labelled=key != "ood", on_corrupt=d["on_corrupt"],
-                          cache=d["cache"], seed=cfg["seed"])
+    classes = d.get("train_classes") if key == "train" else None
+    limit = d[f"{key}_limit"]
+    images = load_image_set(d[key], split=split, image_size=image_size or d["image_size"],
+                            channels=channels or d["channels"], root=d["root"], download=d["download"],
+                            limit=None if classes is not None else limit, labelled=key != "ood",
+                            on_corrupt=d["on_corrupt"], cache=d["cache"], seed=cfg["seed"])
+    return images if classes is None else keep_classes(images, classes, limit=limit, seed=cfg["seed"])
+
+
+def class_index(images: ImageSet, cls: str | int) -> int:
+    """Index of class `cls` (its name, or an index) in a labelled set; unknown classes are an error naming the known ones."""
+    if images.labels is None or not images.classes:
+        raise DataError(f"'{images.name}' has no classes (no class folders), so class {cls!r} cannot be picked from "
+                        f"it: give a labelled data set")
+    if str(cls) in images.classes:
+        return images.classes.index(str(cls))
+    if isinstance(cls, int) and not isinstance(cls, bool) and 0 <= cls < len(images.classes):
+        return cls
+    raise DataError(f"no class {cls!r} in '{images.name}'; its classes are {', '.join(images.classes)}")
+
+
+def keep_classes(images: ImageSet, classes: str | int | list, *, limit: int | None = None, seed: int = 0) -> ImageSet:
+    """The images of `classes` (a name or index, or a list of them) only, then at most `limit` of them (seeded).
+
+    Labels and class names are kept as they are (indices into the full class list).
+    """
+    wanted = [class_index(images, c) for c in (classes if isinstance(classes, list) else [classes])]
+    names = ", ".join(images.classes[i] for i in wanted)
+    keep = torch.isin(images.labels, torch.tensor(wanted, dtype=images.labels.dtype)).nonzero().flatten()
+    if len(keep) == 0:
+        raise DataError(f"'{images.name}' has no images of class {names}")
+    keep = keep[_select(len(keep), images.labels[keep].tolist(), limit=limit, seed=seed)]
+    return ImageSet(images=images.images[keep], labels=images.labels[keep], classes=images.classes,
+                    name=f"{images.name}, class {names}", mean=images.mean, std=images.std)
 
 
 def _check_options(spec, split, image_size, channels, limit, on_corrupt) -> None:

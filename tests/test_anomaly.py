@@ -11,12 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from mosaic.anomaly.cli import fit_config
 from mosaic.anomaly.localize import colorize, localization_maps, smooth_map
 from mosaic.anomaly.losses import direction_loss, mkd_loss, value_loss
-from mosaic.anomaly.mkd import MKD, build_mkd, load_mkd, save_mkd
+from mosaic.anomaly.mkd import MKD, build_mkd, load_mkd, save_mkd, score_images, source_targets
 from mosaic.anomaly.roc import average_ranks, roc_auc
-from mosaic.anomaly.train import fit, score_images, source_targets
 from mosaic.cli import main
+from mosaic.config import ConfigError
+from mosaic.engine import checkpoints, train
 from mosaic.models import ModelError, create_model, save_model
 
 SIZE = 16  # toy image side
@@ -116,13 +118,32 @@ def toy_pair(seed: int = 0, *, adapter: bool = False, cloner: str = "cnn_tiny") 
                mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), image_size=SIZE)
 
 
+def _source_checkpoint(folder, arch: str = "cnn_tiny"):
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=3)
+    meta = {"arch": arch, "num_classes": 3, "in_chans": 3, "image_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_model(model, folder / "model.safetensors", meta=meta)
+    return folder
+
+
+def _write_pngs(folder, images: torch.Tensor) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+
+
 @pytest.fixture(scope="module")
-def fitted_pair() -> MKD:
-    """A toy pair whose cloner was fitted 150 steps on smooth images."""
-    mkd = toy_pair()
-    stats = fit(mkd, smooth_images(160, seed=1), epochs=30, batch_size=32, lr=3e-3, cpu=True, progress=False)
-    assert stats["steps"] == 150 and stats["loss_last"] < stats["loss_first"]
-    return mkd
+def fitted_pair(tmp_path_factory) -> MKD:
+    """The toy pair's source, with a cloner fitted 150 steps on smooth images by `mosaic anomaly fit` (the engine)."""
+    root = tmp_path_factory.mktemp("fitted")
+    source = _source_checkpoint(root / "source")  # the same network as toy_pair(0)'s source
+    _write_pngs(root / "normal", smooth_images(160, seed=1))
+    results = train(fit_config([f"source={source}", f"data={root / 'normal'}", f"out={root / 'pair'}", "layers=layer1,layer2",
+                                "cloner_layers=layer1,layer2", "epochs=30", "batch_size=32", "lr=3e-3", "cpu=true",
+                                "progress=false", "cache=false", "log_every=1"]))
+    losses = [json.loads(line)["loss"] for line in (root / "pair" / "metrics.jsonl").read_text().splitlines()]
+    assert results["steps"] == 150 and losses[-1] < losses[0]
+    return load_mkd(root / "pair")
 
 
 def test_pasted_patch_scores_higher_than_clean(fitted_pair):
@@ -174,14 +195,6 @@ def test_channel_mismatch_needs_an_adapter():
     assert mkd(torch.rand(2, 3, SIZE, SIZE)).shape == (2,)
 
 
-def _source_checkpoint(folder, arch: str = "cnn_tiny"):
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=3)
-    meta = {"arch": arch, "num_classes": 3, "in_chans": 3, "image_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3}
-    save_model(model, folder / "model.safetensors", meta=meta)
-    return folder
-
-
 def test_build_save_load_round_trip_with_adapters(tmp_path):
     source = _source_checkpoint(tmp_path / "source", "cnn_small")
     with pytest.raises(ModelError, match="spatial size"):  # cnn_small's layer3 (2x2) has no cnn_tiny counterpart
@@ -198,12 +211,6 @@ def test_build_save_load_round_trip_with_adapters(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def _write_pngs(folder, images: torch.Tensor) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
 
 
 def test_cli_fit_and_score_round_trip(tmp_path, capsys):
@@ -255,16 +262,105 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_options_layer_defaults_yaml_then_key_value(tmp_path):
-    from mosaic.anomaly.cli import FIT_DEFAULTS, _options
+    from mosaic.anomaly.method import MKDFit
     from mosaic.config import ConfigError
 
     path = tmp_path / "fit.yaml"
     path.write_text("epochs: 7\nlr: 0.01\ncloner: cnn_small\n")
-    opts = _options([str(path), "lr=0.002"], FIT_DEFAULTS)
-    assert (opts["epochs"], opts["lr"], opts["cloner"]) == (7, 0.002, "cnn_small")  # file, then key=value
-    assert opts["lambda_dir"] == FIT_DEFAULTS["lambda_dir"]  # untouched default
+    cfg = fit_config([str(path), "lr=0.002", "source=s.safetensors"])
+    assert (cfg["epochs"], cfg["mkd"]["lr"], cfg["student"]["arch"]) == (7, 0.002, "cnn_small")  # file, then key=value
+    assert cfg["mkd"]["lambda_dir"] == MKDFit.defaults["lambda_dir"]  # untouched default
     path.write_text("epoch: 7\n")
     with pytest.raises(ConfigError, match="did you mean epochs"):
-        _options([str(path)], FIT_DEFAULTS)
+        fit_config([str(path), "source=s.safetensors"])
     with pytest.raises(ConfigError, match="unexpected argument 'fit.txt'"):
-        _options(["fit.txt"], FIT_DEFAULTS)
+        fit_config(["fit.txt"])
+
+
+# ----------------------------------------------------------------------------- the engine run: class filter, ROC-AUC, resume
+
+
+def test_train_classes_keep_exactly_that_class(tiny_task):
+    from mosaic.cli import _resolve
+    from mosaic.data import load_split
+
+    def train_set(**extra):
+        items = {"data.train": tiny_task["task"], "data.image_size": 16, "data.cache": False, **extra}
+        return load_split(_resolve([f"{k}={v}" for k, v in items.items()]), "train")
+
+    everything = train_set()
+    for spec, wanted in (("class_1", [1]), ("2", [2]), ("[class_0, 2]", [0, 2])):
+        kept = train_set(**{"data.train_classes": spec})
+        expected = torch.isin(everything.labels, torch.tensor(wanted))
+        assert len(kept) == int(expected.sum()) and sorted(set(kept.labels.tolist())) == wanted
+        assert torch.equal(kept.images, everything.images[expected])  # the same images, in the same order
+        assert kept.classes == everything.classes  # labels still index the full class list
+    limited = train_set(**{"data.train_classes": "class_1", "data.train_limit": 5})
+    assert len(limited) == 5 and set(limited.labels.tolist()) == {1}  # the limit counts images of that class
+
+
+def test_unknown_normal_class_is_one_error_line(tiny_task, tiny_teacher, tmp_path, capsys):
+    args = ["anomaly", "fit", f"source={tiny_teacher}", f"data={tiny_task['task']}", f"out={tmp_path / 'r'}",
+            "cpu=true", "progress=false", "cache=false"]
+    assert main([*args, "normal_class=dog"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no class 'dog'") and "class_0, class_1, class_2" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+    assert main([*args, "normal_class=[]"]) == 2
+    err = capsys.readouterr().err
+    assert "data.train_classes" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_reports_the_roc_auc_of_its_scores(tiny_task, tiny_teacher, tmp_path):
+    """`mosaic distill method=mkd` with data.test: results.json's auroc is roc.py's on load_mkd's scores."""
+    from conftest import base_overrides
+    from mosaic.cli import _resolve
+    from mosaic.data import load_image_set
+
+    cfg = _resolve(base_overrides(tiny_task, tmp_path, teacher=str(tiny_teacher), method="mkd", name="r", steps=6,
+                                  **{"student.arch": "cnn_tiny", "data.train_classes": "class_1", "mkd.adapter": True}))
+    results = train(cfg)
+    assert "student_top1" not in results and results["images"]["train"] == 24
+    test = load_image_set(str(tiny_task["task"]), split="test", image_size=16, cache=False)
+    scores = score_images(load_mkd(tmp_path / "r"), test.images)
+    assert results["auroc"] == pytest.approx(roc_auc(scores, test.labels != 1), abs=1e-12)
+    logged = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == {"step": 6, "eval/auroc": results["auroc"]}
+    no_normal = base_overrides(tiny_task, tmp_path, teacher=str(tiny_teacher), method="mkd", name="r2", steps=1,
+                               **{"student.arch": "cnn_tiny", "mkd.adapter": True})
+    with pytest.raises(ConfigError, match="does not say which images are normal"):
+        train(_resolve(no_normal))
+    assert not (tmp_path / "r2").exists()
+
+
+def test_killed_fit_resumes_to_the_same_cloner(tiny_task, tiny_teacher, tmp_path):
+    """SIGKILL mid-fit, resume=true: the cloner and adapters end bit-identical to an uninterrupted fit."""
+    import signal
+
+    from safetensors.torch import load_file
+    from test_reliability import final_losses, launch, same_weights, wait_for_checkpoint
+
+    args = [f"source={tiny_teacher}", f"data={tiny_task['task']}", "normal_class=class_1", f"test={tiny_task['task']}",
+            "adapter=true", "epochs=100", "batch_size=8", "ckpt_every=10", "log_every=10", "cpu=true",
+            "progress=false", "cache=false"]  # 24 normal images: 300 steps
+    killed = launch([*args, f"out={tmp_path / 'killed'}"], command=("anomaly", "fit"))
+    wait_for_checkpoint(tmp_path / "killed", 30, killed)
+    killed.send_signal(signal.SIGKILL)
+    out = killed.communicate(timeout=120)[0]
+    assert killed.returncode != 0, f"the fit finished before the kill:\n{out}"
+    last = int(checkpoints(tmp_path / "killed")[-1].name.split("_")[1])
+    assert 30 <= last < 300
+    resumed = launch([*args, f"out={tmp_path / 'killed'}", "resume=true"], command=("anomaly", "fit"))
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert f"resumed {tmp_path / 'killed'} from step {last}" in out
+    train(fit_config([*args, f"out={tmp_path / 'full'}"]))  # uninterrupted, in this process (also one thread)
+    assert same_weights(tmp_path / "full", tmp_path / "killed")
+    full, again = (load_file(tmp_path / run / "adapters.safetensors") for run in ("full", "killed"))
+    assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
+    assert final_losses(tmp_path / "full") == final_losses(tmp_path / "killed")
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("full", "killed")]
+    assert results[0]["auroc"] == results[1]["auroc"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in x]
+    assert steps == list(range(10, 301, 10))  # nothing duplicated or missing across the kill

@@ -35,9 +35,10 @@ def overrides(task, out, teacher, **extra):
     return base_overrides(task, out, teacher=str(teacher), log_every=5, **{**MOSAIC, **extra})
 
 
-def launch(args: list[str]) -> subprocess.Popen:
+def launch(args: list[str], *, command: tuple[str, ...] = ("distill",)) -> subprocess.Popen:
+    """`python -m mosaic <command> <args>` in a child process (one thread), output in proc.stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "mosaic", "distill", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "mosaic", *command, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

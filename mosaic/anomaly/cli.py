@@ -3,15 +3,19 @@
     mosaic anomaly fit source=runs/teacher-cnn_small data=cifar10 normal_class=cat out=runs/mkd-cat
     mosaic anomaly score runs/mkd-cat data=cifar10 split=test normal_class=cat
 
-Options are key=value pairs, optionally after a YAML file holding some of them (defaults < file <
-key=value, the same order as `mosaic distill`); the keys and their defaults are FIT_DEFAULTS and
-SCORE_DEFAULTS below.
+`fit` is an engine run of the `mkd` method (`mosaic distill method=mkd ...` with FIT_BASE's defaults and
+FIT_ALIASES' short names): any engine key works too (resume=true, overwrite=true, ckpt_every=..., test=<labelled
+set> for ROC-AUC during the run, guard.*), and it runs under `accelerate launch -m mosaic anomaly fit ...`.
+`out=<folder>` names the run folder (out_dir + name; default runs/mkd-<cloner>). `score` reads that folder; its
+options and their defaults are SCORE_DEFAULTS. Both take key=value pairs, optionally after a YAML file holding
+some of them (defaults < file < key=value, as for `mosaic distill`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -25,40 +29,48 @@ if TYPE_CHECKING:
 # torch, the data loaders and the engine are imported inside the commands, so that building the
 # `mosaic` argument parser stays cheap.
 
-__all__ = ["FIT_DEFAULTS", "SCORE_DEFAULTS", "add_parser", "run", "labelled_subset", "anomaly_labels"]
+__all__ = ["FIT_ALIASES", "FIT_BASE", "SCORE_DEFAULTS", "add_parser", "fit_config", "run", "score_options"]
 
-FIT_DEFAULTS: dict[str, Any] = {
-    "source": None,         # frozen source network: model.safetensors (+ .json) or a run folder (required)
-    "data": None,           # normal training images: data set name, folder or tar archive (required)
-    "split": "train",       # split of data sets that have several
-    "normal_class": None,   # keep only this class (name or index) of a labelled data set; null: all images
-    "limit": None,          # keep at most this many normal images (random, seeded)
-    "root": None,           # data root (see mosaic.data.data_root)
-    "cache": True,          # cache decoded images
-    "cloner": "cnn_tiny",   # cloner architecture (any create_model name)
-    "layers": None,         # source critical layers, e.g. layer2,layer3; null: last num_layers pooling stages
-    "cloner_layers": None,  # cloner layers paired with them; null: matched by spatial size
-    "num_layers": 3,        # how many default critical layers
-    "adapter": False,       # 1x1 conv adapters where source and cloner channel counts differ
-    "lambda_dir": 0.01,     # weight of the direction (cosine) term; the paper's 0.01
-    "epochs": 20,           # passes over the normal images
+# What `anomaly fit` changes in the engine defaults: the MKD recipe (Adam at mkd.lr=1e-3, constant rate,
+# no augmentation, a cnn_tiny cloner), no OOD pool, evaluation only at the end and only when test= is given.
+FIT_BASE: dict[str, Any] = {
+    "method": "mkd",
+    "student": {"arch": "cnn_tiny"},
+    "epochs": 20,
     "batch_size": 64,
-    "lr": 0.001,            # Adam learning rate (the paper's)
-    "weight_decay": 0.0,
-    "crop_padding": 0,      # kornia random-crop padding (0: none)
-    "flip": False,          # random horizontal flips
-    "out": None,            # output folder; default runs/mkd-<cloner>
-    "overwrite": False,     # replace an existing output folder
-    "seed": 0,
-    "cpu": False,           # force the CPU
-    "mixed_precision": "no",  # no | fp16 | bf16
-    "progress": True,       # tqdm progress bar
+    "schedule": "constant",
+    "log_every": 20,
+    "eval_every": 0,
+    "sample_every": 0,
+    "data": {"test": None, "ood": None, "crop_padding": 0, "flip": False},
+}
+
+# Short names of `anomaly fit` (also at the top level of its YAML file), besides `mosaic distill`'s
+# (teacher=, train=, test=, student=, ...).
+FIT_ALIASES: dict[str, str] = {
+    **config_lib.ALIASES,
+    "source": "teacher.checkpoint",    # frozen source network: model.safetensors (+ .json) or a run folder
+    "data": "data.train",              # normal training images: data set name, folder or tar archive
+    "normal_class": "data.train_classes",  # keep only this class (name or index, or a list); null: all images
+    "limit": "data.train_limit",       # keep at most this many normal images (seeded)
+    "root": "data.root",
+    "cache": "data.cache",
+    "crop_padding": "data.crop_padding",  # random-crop padding (0: none)
+    "flip": "data.flip",               # random horizontal flips
+    "cloner": "student.arch",          # cloner architecture (any create_model name)
+    "layers": "mkd.layers",            # source critical layers, e.g. layer2,layer3
+    "cloner_layers": "mkd.cloner_layers",
+    "num_layers": "mkd.num_layers",
+    "adapter": "mkd.adapter",          # 1x1 conv adapters where channel counts differ
+    "lambda_dir": "mkd.lambda_dir",    # weight of the direction (cosine) term
+    "lr": "mkd.lr",                    # Adam learning rate
+    "weight_decay": "mkd.weight_decay",
 }
 
 SCORE_DEFAULTS: dict[str, Any] = {
     "data": None,           # images to score: data set name, folder or tar archive (required)
     "split": "test",
-    "normal_class": None,   # class (name or index) that is normal, others anomalous; null: a class named good/normal
+    "normal_class": None,   # class (name or index, or a list) that is normal, others anomalous; null: a class named good/normal
     "limit": None,          # score at most this many images (class-balanced, seeded)
     "root": None,
     "cache": True,
@@ -74,49 +86,49 @@ SCORE_DEFAULTS: dict[str, Any] = {
     "cpu": False,
 }
 
-NORMAL_NAMES = ("good", "normal", "ok")
+
+def _source_meta(checkpoint: Any) -> dict:
+    """The source's model.json (empty when it has none)."""
+    path = Path(str(checkpoint))
+    twin = path / "model.json" if path.is_dir() else path.with_suffix(".json")
+    try:
+        return json.loads(twin.read_text()) if twin.is_file() else {}
+    except json.JSONDecodeError:
+        return {}  # load_classifier reports it when the run starts
 
 
-def _options(items: Sequence[str], defaults: dict) -> dict:
-    """`defaults` < an optional YAML file < key=value items (unknown keys are ConfigErrors with close matches)."""
+def fit_config(items: Sequence[str]) -> dict:
+    """The engine config of `mosaic anomaly fit [fit.yaml] key=value ...` (FIT_BASE < file < key=value).
+
+    The image size and channels follow the source's model.json unless given (data.image_size=, data.channels=).
+    """
+    from mosaic.methods import method_defaults
+
     yaml_path, overrides = config_lib.split_args(items)
-    opts = config_lib.merge(defaults, config_lib.load_yaml(yaml_path)) if yaml_path else defaults
-    given = {}
-    for item in overrides:
-        key, text = item.split("=", 1)
-        given[key.strip()] = config_lib.parse_value(text)
-    return config_lib.merge(opts, given)
+    user = config_lib.user_config(yaml_path=yaml_path, overrides=overrides, base=FIT_BASE, aliases=FIT_ALIASES)
+    out = user.pop("out", None)
+    if out:
+        user["out_dir"], user["name"] = str(Path(str(out)).parent), Path(str(out)).name
+    checkpoint = user.get("teacher", {}).get("checkpoint")
+    meta = _source_meta(checkpoint) if checkpoint else {}
+    data = user.setdefault("data", {})
+    for key, meta_key in (("image_size", "image_size"), ("channels", "in_chans")):
+        if key not in data and meta.get(meta_key):
+            data[key] = meta[meta_key]
+    cfg = config_lib.complete(user, method_defaults=method_defaults)
+    if not cfg["teacher"]["checkpoint"]:
+        raise config_lib.ConfigError("give the frozen source network with source=<model.safetensors or run folder>")
+    if cfg["method"] != "mkd":
+        raise config_lib.ConfigError(f"`mosaic anomaly fit` runs method=mkd, got method={cfg['method']}: "
+                                     f"use `mosaic distill` for other methods")
+    return cfg
 
 
-def _class_index(images: ImageSet, normal_class: Any) -> int:
-    """Index of `normal_class` (a name or an index) in a labelled set."""
-    from mosaic.data import DataError
-
-    if images.labels is None or not images.classes:
-        raise DataError(f"normal_class={normal_class} needs a labelled data set, but '{images.name}' has no classes")
-    if str(normal_class) in images.classes:
-        return images.classes.index(str(normal_class))
-    if isinstance(normal_class, int) and 0 <= normal_class < len(images.classes):
-        return normal_class
-    raise DataError(f"no class {normal_class!r} in '{images.name}'; its classes are {', '.join(images.classes)}")
-
-
-def labelled_subset(images: ImageSet, normal_class: Any) -> torch.Tensor:
-    """uint8 images of class `normal_class` (all images when it is None)."""
-    if normal_class is None:
-        return images.images
-    keep = images.labels == _class_index(images, normal_class)
-    return images.images[keep]
-
-
-def anomaly_labels(images: ImageSet, normal_class: Any) -> Optional[torch.Tensor]:
-    """1 for anomalous, 0 for normal images; None when the set says nothing about normality."""
-    if normal_class is None:
-        names = [c for c in (images.classes or []) if c.lower() in NORMAL_NAMES]
-        if images.labels is None or not names:
-            return None
-        normal_class = names[0]
-    return (images.labels != _class_index(images, normal_class)).long()
+def score_options(items: Sequence[str]) -> dict:
+    """The options of `mosaic anomaly score MODEL [score.yaml] key=value ...` (SCORE_DEFAULTS < file < key=value)."""
+    yaml_path, overrides = config_lib.split_args(items)
+    return config_lib.merge(SCORE_DEFAULTS, config_lib.user_config(yaml_path=yaml_path, overrides=overrides,
+                                                                   aliases={}))
 
 
 def _load(opts: dict, *, split: str, image_size: int, channels: int, limit: Optional[int]) -> ImageSet:
@@ -129,37 +141,14 @@ def _load(opts: dict, *, split: str, image_size: int, channels: int, limit: Opti
                           root=opts["root"], limit=limit, cache=opts["cache"], seed=opts["seed"])
 
 
-def cmd_fit(opts: dict) -> dict:
-    """Fit a cloner on normal images and save the pair; returns the training stats."""
-    import torch
+def cmd_fit(cfg: dict) -> dict:
+    """Fit a cloner on normal images as an engine run; returns a summary of its results.json."""
+    from mosaic.engine import run_dir, train
 
-    from mosaic.data import DataError
-    from mosaic.engine import RunError
-
-    from .mkd import build_mkd, save_mkd
-    from .train import fit
-
-    if not opts["source"]:
-        raise RunError("give the frozen source network with source=<model.safetensors or run folder>")
-    out = Path(opts["out"] or f"runs/mkd-{opts['cloner']}")
-    if out.exists() and any(out.iterdir()) and not opts["overwrite"]:
-        raise RunError(f"output folder '{out}' already exists: pass overwrite=true or out=<new folder>")
-    mkd = build_mkd(opts["source"], cloner=opts["cloner"], layers=opts["layers"], cloner_layers=opts["cloner_layers"],
-                    num_layers=opts["num_layers"], adapter=opts["adapter"], lambda_dir=opts["lambda_dir"])
-    data = _load(opts, split=opts["split"], image_size=mkd.image_size, channels=mkd.in_chans, limit=None)
-    images = labelled_subset(data, opts["normal_class"])
-    if opts["limit"] and opts["limit"] < len(images):
-        gen = torch.Generator().manual_seed(opts["seed"])
-        images = images[torch.randperm(len(images), generator=gen)[:opts["limit"]].sort().values]
-    if len(images) == 0:
-        raise DataError(f"no normal images to fit on in '{data.name}'")
-    stats = fit(mkd, images, epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
-                weight_decay=opts["weight_decay"], crop_padding=opts["crop_padding"], flip=opts["flip"],
-                seed=opts["seed"], cpu=opts["cpu"], mixed_precision=opts["mixed_precision"],
-                progress=opts["progress"])
-    stats = {**stats, "images": len(images), "data": data.name}
-    save_mkd(mkd.cpu(), out, options={**opts, "out": str(out), "fit": stats})
-    return {**stats, "out": str(out)}
+    results = train(cfg)
+    summary = {"out": str(run_dir(cfg)), "images": results["images"]["train"], "data": cfg["data"]["train"]}
+    keep = ("steps", "wall_s", "device", "processes", "auroc")
+    return {**summary, **{k: results[k] for k in keep if k in results}, "loss": results["final_losses"].get("loss")}
 
 
 def _write_csv(path: Path, scores: torch.Tensor, labels: Optional[torch.Tensor], data: ImageSet) -> None:
@@ -180,9 +169,9 @@ def cmd_score(model: str, opts: dict) -> dict:
     from mosaic.data import DataError, load_image_set
 
     from .localize import REDUCTIONS, localization_maps, save_heatmaps
-    from .mkd import load_mkd
+    from .method import anomaly_labels
+    from .mkd import load_mkd, score_images
     from .roc import roc_auc
-    from .train import score_images
 
     if opts["reduce"] not in REDUCTIONS:
         raise config_lib.ConfigError(f"'reduce' must be one of {', '.join(REDUCTIONS)}, got {opts['reduce']!r}")
@@ -226,14 +215,15 @@ def add_parser(sub: Any) -> None:
                        description="Fit a cloner of a frozen source network on normal images, then score images "
                                    "by their feature discrepancy. Options are key=value; see mosaic/anomaly/cli.py.")
     actions = p.add_subparsers(dest="action", required=True)
-    fit = actions.add_parser("fit", help="train a cloner on normal images",
+    fit = actions.add_parser("fit", help="train a cloner on normal images (an engine run of method=mkd)",
                              description="Example: mosaic anomaly fit source=runs/teacher-cnn_small data=cifar10 "
                                          "normal_class=cat out=runs/mkd-cat epochs=20")
     fit.add_argument("options", nargs="*", metavar="[config.yaml] key=value",
-                     help=f"options: {', '.join(FIT_DEFAULTS)}")
+                     help=f"any engine key (as for `mosaic distill`), out=<run folder>, and the short names "
+                          f"{', '.join(k for k in FIT_ALIASES if k not in config_lib.ALIASES)}")
     score = actions.add_parser("score", help="score images (CSV, ROC-AUC, heat maps) with a fitted cloner",
                                description="Example: mosaic anomaly score runs/mkd-cat data=cifar10 normal_class=cat")
-    score.add_argument("model", help="folder written by `mosaic anomaly fit`")
+    score.add_argument("model", help="run folder written by `mosaic anomaly fit`")
     score.add_argument("options", nargs="*", metavar="[config.yaml] key=value",
                        help=f"options: {', '.join(SCORE_DEFAULTS)}")
 
@@ -241,8 +231,10 @@ def add_parser(sub: Any) -> None:
 def run(args: Any) -> int:
     """Run a parsed `mosaic anomaly ...` command; prints its result as JSON."""
     if args.action == "fit":
-        result = cmd_fit(_options(args.options, FIT_DEFAULTS))
+        result = cmd_fit(fit_config(args.options))
+        if int(os.environ.get("RANK", "0")) != 0:  # one report per run, not one per process
+            return 0
     else:
-        result = cmd_score(args.model, _options(args.options, SCORE_DEFAULTS))
+        result = cmd_score(args.model, score_options(args.options))
     print(json.dumps(result, indent=2))
     return 0

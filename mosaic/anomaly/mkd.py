@@ -1,8 +1,10 @@
 """The MKD pair: a frozen source network, a trainable cloner, their critical layers and optional 1x1 adapters.
 
 `MKD(x)` maps float images in [0, 1] to one loss per image (the anomaly score); gradients reach both the
-cloner (training) and the input (localisation). `build_mkd` assembles a pair from a source checkpoint,
-`save_mkd` / `load_mkd` write and read it as a folder:
+cloner (training) and the input (localisation). `build_mkd` assembles a pair from a source checkpoint
+(`pair_with_layers` from two built networks, as the `mkd` engine method does), `score_images` scores
+images with it, `save_mkd` / `load_mkd` write and read it as a folder (a `mosaic anomaly fit` run folder
+holds the same files):
 
     model.safetensors + model.json   the cloner (mosaic.models.save_model)
     adapters.safetensors             the 1x1 adapters, when adapter=True
@@ -24,13 +26,14 @@ from typing import Any, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from mosaic.augment import normalize
+from mosaic.augment import normalize, to_float
 from mosaic.models import (CheckpointError, FeatureTaps, ModelError, create_model, feature_info_of, freeze,
                            load_model, resolve_layer, save_model)
 
 from .losses import mkd_loss
 
-__all__ = ["MKD", "build_mkd", "default_layers", "load_mkd", "save_mkd", "OPTIONS_NAME"]
+__all__ = ["MKD", "build_mkd", "default_layers", "load_mkd", "pair_with_layers", "save_mkd", "save_pair_record",
+           "score_images", "source_targets", "OPTIONS_NAME"]
 
 OPTIONS_NAME = "mkd.json"
 ADAPTERS_NAME = "adapters.safetensors"
@@ -163,6 +166,21 @@ def _layer_list(layers: Union[None, str, int, Sequence[Layer]]) -> Optional[List
     return out
 
 
+def pair_with_layers(source: nn.Module, cloner: nn.Module, *, layers: Any = None, cloner_layers: Any = None,
+                     num_layers: int = 3, adapter: bool = False, lambda_dir: float = 0.01, mean: Sequence[float],
+                     std: Sequence[float], image_size: int, in_chans: int = 3, source_path: str = "",
+                     cloner_arch: str = "") -> MKD:
+    """An MKD pair of two built networks, its critical layers chosen as `build_mkd` documents."""
+    s_layers = _layer_list(layers) or default_layers(source, count=num_layers)
+    c_layers = _layer_list(cloner_layers)
+    if c_layers is None:
+        s_shapes = _probe(source, s_layers, image_size=image_size, in_chans=in_chans)
+        c_layers = _match_cloner_layers(cloner, s_shapes, image_size=image_size, in_chans=in_chans)
+    return MKD(source, cloner, source_layers=s_layers, cloner_layers=c_layers, adapter=adapter,
+               lambda_dir=lambda_dir, mean=mean, std=std, image_size=image_size, in_chans=in_chans,
+               source_path=source_path, cloner_arch=cloner_arch)
+
+
 def build_mkd(source: Union[str, Path], *, cloner: str = "cnn_tiny", layers: Any = None, cloner_layers: Any = None,
               num_layers: int = 3, adapter: bool = False, lambda_dir: float = 0.01,
               image_size: Optional[int] = None) -> MKD:
@@ -176,29 +194,28 @@ def build_mkd(source: Union[str, Path], *, cloner: str = "cnn_tiny", layers: Any
     net, meta = _load_source(source)
     size = int(image_size or meta.get("image_size") or 32)
     in_chans = int(meta.get("in_chans", 3))
-    mean = meta.get("mean") or (0.5,) * in_chans
-    std = meta.get("std") or (0.5,) * in_chans
-    s_layers = _layer_list(layers) or default_layers(net, count=num_layers)
     clone = create_model(cloner, num_classes=1, in_chans=in_chans)
-    c_layers = _layer_list(cloner_layers)
-    if c_layers is None:
-        s_shapes = _probe(net, s_layers, image_size=size, in_chans=in_chans)
-        c_layers = _match_cloner_layers(clone, s_shapes, image_size=size, in_chans=in_chans)
-    mkd = MKD(net, clone, source_layers=s_layers, cloner_layers=c_layers, adapter=adapter, lambda_dir=lambda_dir,
-              mean=mean, std=std, image_size=size, in_chans=in_chans, source_path=str(Path(source).resolve()),
-              cloner_arch=cloner)
-    return mkd
+    return pair_with_layers(net, clone, layers=layers, cloner_layers=cloner_layers, num_layers=num_layers,
+                            adapter=adapter, lambda_dir=lambda_dir, mean=meta.get("mean") or (0.5,) * in_chans,
+                            std=meta.get("std") or (0.5,) * in_chans, image_size=size, in_chans=in_chans,
+                            source_path=str(Path(source).resolve()), cloner_arch=cloner)
 
 
 def save_mkd(mkd: MKD, folder: Union[str, Path], *, options: dict) -> Path:
     """Write the cloner, its adapters and mkd.json (structure + `options`) into `folder`; returns the folder."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"arch": mkd.cloner_arch, "num_classes": 1, "in_chans": mkd.in_chans, "image_size": mkd.image_size,
             "mean": list(mkd.mean), "std": list(mkd.std), "role": "mkd cloner"}
     save_model(mkd.cloner, folder / "model.safetensors", meta=meta)
+    return save_pair_record(mkd, folder, options=options)
+
+
+def save_pair_record(mkd: MKD, folder: Union[str, Path], *, options: dict) -> Path:
+    """Write what `load_mkd` needs besides the cloner's model.safetensors: adapters.safetensors and mkd.json."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
     if mkd.adapter:
         tensors = {k: v.detach().cpu().contiguous() for k, v in mkd.adapters.state_dict().items()}
         save_file(tensors, str(folder / ADAPTERS_NAME))
@@ -211,6 +228,9 @@ def load_mkd(folder: Union[str, Path], *, source: Union[str, Path, None] = None)
     """Rebuild a fitted MKD pair from its folder (eval mode); `source` overrides the stored source path."""
     folder = Path(folder)
     record_file = folder / OPTIONS_NAME
+    if not record_file.is_file() and (folder / "checkpoints").is_dir():
+        raise CheckpointError(f"{folder} has no {OPTIONS_NAME}: its fit did not finish; continue it with "
+                              f"`mosaic anomaly fit ... out={folder} resume=true`")
     if not record_file.is_file():
         raise CheckpointError(f"{folder} is not an MKD folder (no {OPTIONS_NAME}); fit one with `mosaic anomaly fit`")
     try:
@@ -228,3 +248,30 @@ def load_mkd(folder: Union[str, Path], *, source: Union[str, Path, None] = None)
 
         mkd.adapters.load_state_dict(load_file(str(folder / ADAPTERS_NAME)))
     return mkd.eval()
+
+
+@torch.no_grad()
+def source_targets(mkd: MKD, images: Tensor, *, batch_size: int = 256) -> List[Tensor]:
+    """Source features at the critical layers for all uint8 `images`, in batches, on the images' device."""
+    parts: List[List[Tensor]] = []
+    for start in range(0, len(images), batch_size):
+        parts.append(mkd.source_features(to_float(images[start:start + batch_size])))
+    return [torch.cat(layer) for layer in zip(*parts)]
+
+
+@torch.no_grad()
+def score_images(mkd: MKD, images: Tensor, *, batch_size: int = 256,
+                 targets: Optional[Sequence[Tensor]] = None) -> Tensor:
+    """Anomaly score (the per-image MKD loss, eval mode) of uint8 `images`, on the CPU as float32 (N,).
+
+    `targets` are the source features of `images` from `source_targets`, to share them between cloners.
+    The pair is left in eval mode.
+    """
+    mkd.eval()
+    device = next(mkd.cloner.parameters()).device
+    scores = []
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start:start + batch_size].to(device))
+        batch_targets = None if targets is None else [t[start:start + batch_size].to(device) for t in targets]
+        scores.append(mkd(x, batch_targets).float().cpu())
+    return torch.cat(scores) if scores else torch.empty(0)

@@ -1,7 +1,7 @@
 """Evaluation: the student's and teacher's top-1 and their agreement, during a run and for `mosaic evaluate`."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from mosaic.data import ImageSet, load_split
 from mosaic.engine.folder import RunError
 from mosaic.engine.task import check_task, load_teacher
-from mosaic.methods import Context
+from mosaic.methods import Context, Method
 from mosaic.models import load_classifier
 
 
@@ -40,6 +40,18 @@ class Evaluator:
             out["teacher_top1"] = self.teacher_top1
             out["agreement"] = self._fraction((pred == self.teacher_pred).sum())
         return out
+
+
+def run_evaluator(method: Method, test: ImageSet | None, ctx: Context, *,
+                  batch_size: int) -> Callable[[], dict[str, float]] | None:
+    """The run's evaluation on data.test (None without one): the method's own (Method.evaluator), else top-1."""
+    if test is None:
+        return None
+    own = method.evaluator(test)
+    if own is not None:
+        return own
+    top1 = Evaluator(test, ctx, batch_size=batch_size)
+    return lambda: top1(method.eval_model())
 
 
 def evaluate(model_path: str, cfg: dict) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mosaic import config as config_lib
-from mosaic.engine.evaluation import Evaluator
+from mosaic.engine.evaluation import run_evaluator
 from mosaic.engine.folder import (check_run_dir, checkpoints, load_latest_checkpoint, prepare_run_dir,
                                   save_checkpoint, save_grid)
 from mosaic.engine.metrics import MetricLog
@@ -107,7 +107,8 @@ def train(cfg: dict) -> dict[str, Any]:
     set_seed(cfg["seed"], device_specific=True)  # ranks differ: noise and augmentation are per process
     check_run_dir(cfg)  # refuse early; the folder itself is made once every input has been checked
 
-    task = setup_task(cfg, needs, accelerator, requires_teacher=method_cls.requires_teacher)
+    task = setup_task(cfg, needs, accelerator, requires_teacher=method_cls.requires_teacher,
+                      same_classes=method_cls.same_classes)
     steps, batch_size, sets = task.steps, task.batch_size, task.sets
     cfg = {**cfg, "steps": steps}
     teacher = task.teacher.to(device, memory_format=memory_format(cfg)) if task.teacher is not None else None
@@ -117,6 +118,7 @@ def train(cfg: dict) -> dict[str, Any]:
                   mean=torch.tensor(task.mean, device=device), std=torch.tensor(task.std, device=device),
                   device=device, accelerator=accelerator, steps=steps, batch_size=batch_size)
     method = method_cls(ctx)
+    evaluator = run_evaluator(method, sets.get("test"), ctx, batch_size=cfg["eval_batch_size"])
     folder = prepare_run_dir(cfg, accelerator)
     if main:
         config_lib.dump(cfg, folder / "config.yaml")
@@ -142,7 +144,6 @@ def train(cfg: dict) -> dict[str, Any]:
         elif main:
             print(f"resume=true but {folder} has no usable checkpoint: starting from step 0")
     log = MetricLog(folder, enabled=main, resume_step=resume_step)
-    evaluator = Evaluator(sets["test"], ctx, batch_size=cfg["eval_batch_size"]) if "test" in sets else None
     if guard.mode == "restore" and not checkpoints(folder):
         save_checkpoint(accelerator, folder, progress.step, cfg["keep_ckpts"])  # something to go back to
 
@@ -187,7 +188,7 @@ def train(cfg: dict) -> dict[str, Any]:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:4]})
                 sums, count = {}, 0
             if evaluator is not None and due(cfg["eval_every"], step):
-                last_eval = evaluator(method.eval_model())
+                last_eval = evaluator()
                 log.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
             if main and due(cfg["sample_every"], step):
                 save_grid(method.sample_images(64), folder / "samples" / f"step_{step:08d}.png")
@@ -202,7 +203,7 @@ def train(cfg: dict) -> dict[str, Any]:
     # End of run: final evaluation, checkpoint, model, samples and results.
     wall = time.time() - t_start
     if evaluator is not None:
-        last_eval = evaluator(method.eval_model())
+        last_eval = evaluator()
         log.write(steps, {f"eval/{k}": v for k, v in last_eval.items()})
     if not checkpoints(folder) or checkpoints(folder)[-1].name != f"step_{steps:08d}":
         save_checkpoint(accelerator, folder, steps, cfg["keep_ckpts"])
@@ -211,6 +212,7 @@ def train(cfg: dict) -> dict[str, Any]:
         "method": cfg["method"], "student": s["arch"], "teacher": task.teacher_meta.get("arch"),
         "steps": steps, "wall_s": round(wall, 2), "device": device_name(device),
         "processes": accelerator.num_processes, "global_batch": batch_size * accelerator.num_processes,
+        "images": {key: len(s) for key, s in sets.items()},
         **last_eval, "final_losses": log.last_losses(), **method.results(),
     }
     if guard.enabled:
@@ -224,6 +226,7 @@ def train(cfg: dict) -> dict[str, Any]:
                 "top1": last_eval.get("student_top1")}
         save_model(accelerator.unwrap_model(method.eval_model()), folder / "model.safetensors", meta=meta)
         save_grid(method.sample_images(64), folder / "samples" / "final.png")
+        method.save(folder)
         (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log.close()
     accelerator.wait_for_everyone()

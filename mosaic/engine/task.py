@@ -54,13 +54,17 @@ def load_teacher(cfg: dict, sets: dict[str, ImageSet], *, required: bool) -> tup
     return freeze(model), meta
 
 
-def check_task(cfg: dict, sets: dict[str, ImageSet], teacher_meta: dict) -> tuple[int, tuple, tuple]:
-    """Class count and normalisation of the task; mismatches between teacher and data are errors."""
+def check_task(cfg: dict, sets: dict[str, ImageSet], teacher_meta: dict, *,
+               same_classes: bool = True) -> tuple[int, tuple, tuple]:
+    """Class count and normalisation of the task; mismatches between teacher and data are errors.
+
+    same_classes=False (Method.same_classes) skips the class checks: the teacher is used for its features only.
+    """
     d = cfg["data"]
     num_classes = teacher_meta.get("num_classes")
     for key in ("train", "test"):
         s = sets.get(key)
-        if s is None:
+        if s is None or (teacher_meta and not same_classes):
             continue
         labels_max = int(s.labels.max()) + 1 if s.labels is not None and len(s.labels) else 0
         if num_classes is None:
@@ -97,11 +101,12 @@ def per_process_batch(cfg: dict, processes: int) -> int:
     return cfg["batch_size"] // processes
 
 
-def setup_task(cfg: dict, needs: dict[str, int], accelerator, *, requires_teacher: bool) -> Task:
+def setup_task(cfg: dict, needs: dict[str, int], accelerator, *, requires_teacher: bool,
+               same_classes: bool = True) -> Task:
     """Load and check everything the run's data and teacher fix; `steps` follows `epochs` when that is set."""
     sets = load_data(cfg, needs, accelerator)
     teacher, teacher_meta = load_teacher(cfg, sets, required=requires_teacher)
-    num_classes, mean, std = check_task(cfg, sets, teacher_meta)
+    num_classes, mean, std = check_task(cfg, sets, teacher_meta, same_classes=same_classes)
     batch_size = per_process_batch(cfg, accelerator.num_processes)
     steps = cfg["steps"]
     if cfg["epochs"] is not None and "train" in sets:
@@ -129,7 +134,8 @@ def make_streams(cfg: dict, sets: dict[str, ImageSet], needs: dict[str, int], ac
     """One resumable, augmented, per-process stream on the device for each data set the method draws from."""
     device, d = accelerator.device, cfg["data"]
     augment = Augment.from_config(d, image_size=d["image_size"]).to(device)
-    return {key: Stream(sets[key].images.to(device), sets[key].labels.to(device) if key == "train" else None,
+    labels = {key: s.labels.to(device) if key == "train" and s.labels is not None else None for key, s in sets.items()}
+    return {key: Stream(sets[key].images.to(device), labels[key],
                         seed=cfg["seed"], rank=accelerator.process_index, world_size=accelerator.num_processes,
                         augment=augment)
             for key in needs}

@@ -23,19 +23,33 @@ call `.item()`: the engine turns losses into numbers only when it logs. Extra st
 that must survive a resume (a synthetic image pool, say) goes in `state_dict` /
 `load_state_dict`. Methods in other packages register through the
 `mosaic_kd.methods` entry point group (see pyproject.toml).
+
+Optional hooks, for methods whose student is not a classifier of the data's classes
+(MKD anomaly detection, mosaic/anomaly/method.py):
+
+        same_classes = False           # the teacher's classes need not be the data's (its features are used)
+        def evaluator(self, test):     # built once from data.test (an ImageSet); returns a function giving
+            ...                        #   the metrics to log as eval/<name>; None (default): the engine's
+                                       #   top-1 / agreement of eval_model()
+        def save(self, folder):        # extra files for the run folder, written at the end (main process)
+            ...
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
 from importlib import metadata
-from typing import Callable, ClassVar, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from mosaic.config import ConfigError
 from mosaic.methods.context import Context
+
+if TYPE_CHECKING:
+    from mosaic.data import ImageSet
 
 __all__ = ["Context", "Method", "frozen_bn_stats", "get_method", "list_methods", "method_defaults",
            "no_param_grad", "register_method", "sgd"]
@@ -55,6 +69,7 @@ class Method:
     needs: ClassVar[dict[str, int]] = {}
     players: ClassVar[tuple[str, ...]] = ("student",)
     requires_teacher: ClassVar[bool] = True   # False: the method trains without a teacher (supervised, DML)
+    same_classes: ClassVar[bool] = True       # False: the teacher's classes need not match the data's (MKD)
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -75,6 +90,13 @@ class Method:
     def eval_model(self) -> nn.Module:
         """The network evaluated on the test set and saved at the end (the student)."""
         return self.student
+
+    def evaluator(self, test: ImageSet) -> Callable[[], dict[str, float]] | None:
+        """The method's own evaluation on the test set (built once), or None for the engine's top-1 of eval_model."""
+        return None
+
+    def save(self, folder: Path) -> None:
+        """Write extra files into the run folder at the end of the run (main process only); default none."""
 
     @torch.no_grad()
     def sample_images(self, n: int) -> Tensor | None:
@@ -172,7 +194,8 @@ def _load_plugins() -> None:
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
-    from mosaic.methods import mosaic_kd, supervised  # noqa: F401  (registration side effect)
+    from mosaic.anomaly import method as mkd  # noqa: F401  (registration side effect)
+    from mosaic.methods import mosaic_kd, supervised  # noqa: F401
     for ep in metadata.entry_points(group="mosaic_kd.methods"):
         ep.load()
 
