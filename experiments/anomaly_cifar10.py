@@ -5,9 +5,11 @@
 1. The source network is a CIFAR-style classifier trained on the labelled Tiny-ImageNet validation archive
    resized to 32x32 (a weak, offline stand-in for ImageNet pre-training), with the existing command
    `mosaic train-teacher`; skipped when its run folder already holds model.safetensors.
-2. For each CIFAR-10 class: a fresh cloner is fitted on that class's 5,000 training images
-   (mosaic.anomaly.train.fit), then the 10,000 test images are scored; the source features of the test
-   set are computed once and shared by the ten cloners.
+2. For each CIFAR-10 class: a fresh cloner is fitted on that class's 5,000 training images by
+   `mosaic anomaly fit ... normal_class=<k>` (an engine run of method=mkd, one run folder per class under
+   --runs), then the 10,000 test images are scored; the source features of the test set are computed once
+   and shared by the ten cloners. "loss first -> last" are the first and last logged losses (means over
+   20 steps).
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from mosaic.anomaly.mkd import build_mkd  # noqa: E402
+from mosaic.anomaly.cli import fit_config  # noqa: E402
+from mosaic.anomaly.mkd import build_mkd, load_mkd, score_images, source_targets  # noqa: E402
 from mosaic.anomaly.roc import roc_auc  # noqa: E402
-from mosaic.anomaly.train import fit, score_images, source_targets  # noqa: E402
 from mosaic.data import load_image_set  # noqa: E402
+from mosaic.engine import train  # noqa: E402
 
 PAPER_MEAN_AUROC = 87.18  # Salehi et al. 2021, CIFAR-10 one-class, ImageNet-pretrained VGG-16 source
 
@@ -43,6 +46,18 @@ def train_source(folder: Path, *, arch: str, epochs: int) -> dict:
     results = json.loads((folder / "results.json").read_text())
     return {"command": "mosaic " + " ".join(command), "arch": results["student"], "epochs": epochs,
             "wall_s": results["wall_s"], "train_top1": results.get("student_top1")}
+
+
+def fit_class(k: int, *, args: argparse.Namespace) -> tuple[Path, dict, list[float]]:
+    """Fit a fresh cloner on normal class k with `mosaic anomaly fit`; returns its run folder, results and losses."""
+    folder = Path(args.runs) / f"class-{k}"
+    items = [f"source={args.source}", "data=cifar10", f"normal_class={k}", f"cloner={args.cloner}",
+             f"layers={args.layers}", f"adapter={str(args.adapter).lower()}", f"lambda_dir={args.lambda_dir}",
+             f"epochs={args.epochs}", f"batch_size={args.batch_size}", f"lr={args.lr}", f"seed={k}", "cpu=true",
+             "progress=false", f"out={folder}", "overwrite=true"]
+    results = train(fit_config(items))
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return folder, results, [r["loss"] for r in records if "loss" in r]
 
 
 def markdown(rows: list[dict], *, args: argparse.Namespace, source: dict, wall_s: float, command: str) -> str:
@@ -102,6 +117,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--classes", type=int, nargs="*", default=list(range(10)), help="normal classes to run")
     parser.add_argument("--results", default=str(HERE / "results"), help="folder for anomaly-cifar10.{md,csv}")
+    parser.add_argument("--runs", default="runs/anomaly-cifar10", help="parent of the per-class run folders")
     args = parser.parse_args()
     command = "OMP_NUM_THREADS=1 python " + " ".join(["experiments/anomaly_cifar10.py", *sys.argv[1:]])
     torch.manual_seed(0)
@@ -114,16 +130,13 @@ def main() -> int:
     shared = source_targets(build_mkd(args.source, **pair), test.images)  # the same frozen source for all runs
     rows = []
     for k in args.classes:
-        torch.manual_seed(k)
-        mkd = build_mkd(args.source, **pair)
-        stats = fit(mkd, train.images[train.labels == k], epochs=args.epochs, batch_size=args.batch_size,
-                    lr=args.lr, seed=k, cpu=True, progress=False)
-        scores = score_images(mkd, test.images, targets=shared)
+        folder, results, losses = fit_class(k, args=args)
+        scores = score_images(load_mkd(folder), test.images, targets=shared)
         auroc = 100 * roc_auc(scores, test.labels != k)
-        rows.append({"class": test.classes[k], "auroc": auroc, "fit_s": stats["wall_s"],
-                     "loss_first": stats["loss_first"], "loss_last": stats["loss_last"],
+        rows.append({"class": test.classes[k], "auroc": auroc, "fit_s": results["wall_s"],
+                     "loss_first": losses[0], "loss_last": losses[-1],
                      "normal_train": int((train.labels == k).sum()), "test": len(test)})
-        print(f"{test.classes[k]:12s} AUROC {auroc:6.2f}  (fit {stats['wall_s']:.0f}s, "
+        print(f"{test.classes[k]:12s} AUROC {auroc:6.2f}  (fit {results['wall_s']:.0f}s, "
               f"elapsed {time.time() - t0:.0f}s)", flush=True)
     wall = time.time() - t0
     mean = sum(r["auroc"] for r in rows) / len(rows)

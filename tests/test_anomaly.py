@@ -364,3 +364,31 @@ def test_killed_fit_resumes_to_the_same_cloner(tiny_task, tiny_teacher, tmp_path
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
              if "loss" in x]
     assert steps == list(range(10, 301, 10))  # nothing duplicated or missing across the kill
+
+
+def test_unreached_cloner_parameters_are_frozen():
+    """Only the critical layers' path trains: cnn_tiny's head (and, pairing layer1 only, layer2) get no gradient."""
+    from mosaic.anomaly.method import Cloner, freeze_unreached
+
+    torch.manual_seed(0)
+    source, clone = create_model("cnn_tiny", num_classes=3), create_model("cnn_tiny", num_classes=3)
+    pair = MKD(source, clone, source_layers=["layer1"], cloner_layers=["layer1"], adapter=True,
+               mean=(0.5,) * 3, std=(0.25,) * 3, image_size=SIZE)
+    player = Cloner(pair)
+    assert not any(n.startswith("_pair") or n.startswith("source") for n, _ in player.named_parameters())
+    freeze_unreached(player, image_size=SIZE, in_chans=3, device=torch.device("cpu"))
+    trainable = {n.split(".")[1] for n, p in player.named_parameters() if p.requires_grad}
+    assert trainable == {"stem", "layer1", "0"}  # cloner.stem, cloner.layer1, adapters.0
+    assert player.training and not source.training
+
+
+def test_two_processes_fit_one_cloner(tiny_task, tiny_teacher, tmp_path):
+    """Under DDP (two processes over gloo) a fit runs through: no parameter is left without a gradient."""
+    from test_distributed import launch2
+
+    launch2(fit_config([f"source={tiny_teacher}", f"data={tiny_task['task']}", "normal_class=class_1", "steps=3",
+                        "epochs=null", "batch_size=4", "cpu=true", "progress=false", "cache=false",
+                        f"out={tmp_path / 'ddp'}"]))
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert results["processes"] == 2 and results["global_batch"] == 8 and results["steps"] == 3
+    assert load_mkd(tmp_path / "ddp").cloner_layers == ["layer1", "layer2"]

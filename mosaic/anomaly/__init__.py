@@ -6,10 +6,10 @@ with respect to the input localises the anomaly.
 
     losses.py    value / direction terms (pure functions)
     roc.py       ROC-AUC with tied scores counted one half
-    mkd.py       the source + cloner pair, layer choice, save / load
-    train.py     fitting the cloner (Accelerate, Adam) and scoring images
+    mkd.py       the source + cloner pair, layer choice, scoring, save / load
+    method.py    fitting the cloner: the engine method `mkd` (ROC-AUC evaluation, the pair's files)
     localize.py  input-gradient maps, kornia smoothing, coloured overlays
-    cli.py       `mosaic anomaly fit` / `mosaic anomaly score`
+    cli.py       `mosaic anomaly fit` (an engine run of method=mkd) / `mosaic anomaly score`
 
 Submodules are imported on use, so importing this package is cheap.
 """
