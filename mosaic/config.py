@@ -14,6 +14,10 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 
+# What fills the crop padding of the in-device augmentation (mosaic.augment.Augment implements these).
+PADDING_MODES = ("constant", "reflect", "replicate")
+
+
 class ConfigError(ValueError):
     """A config that cannot be used: unknown key, bad value or unreadable file."""
 
@@ -212,7 +216,6 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError(f"'data.channels' must be 1 or 3, got {data['channels']!r}")
     for key in ("train_limit", "test_limit", "ood_limit", "ood_select"):
         positive(f"data.{key}", data[key], allow_none=True)
-    from mosaic.augment import PADDING_MODES  # the modes Augment implements (imported here: config stays torch-free)
     if data["padding_mode"] not in PADDING_MODES:
         raise ConfigError(f"'data.padding_mode' must be {', '.join(PADDING_MODES[:-1])} or {PADDING_MODES[-1]}, "
                           f"got {data['padding_mode']!r}")
