@@ -148,7 +148,7 @@ class MosaicKD(Method):
         return {
             "g_local": self.local_loss(disc(self.crops(fake)), real=True),
             "g_align": entropy(t_logits),
-            "g_balance": balance_loss(t_logits) / math.log(2.0),
+            "g_balance": balance_loss(t_logits, base=2.0),
             "g_adv": -kd_loss(s_logits, t_logits),
         }
 
