@@ -23,7 +23,6 @@ seed on CPU fp32 the losses match with them on or off (tests/test_speed_switches
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator, Sequence
 
 import kornia.augmentation as K
