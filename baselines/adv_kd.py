@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from baselines.common import StreamMethod
-from baselines.losses import discriminator_loss, logit_l1, student_adversarial_loss
 from mosaic.config import ConfigError
+from mosaic.losses import discriminator_loss, logit_l1, student_adversarial_loss
 from mosaic.methods import Context, no_param_grad, register_method
 from mosaic.methods.supervised import sgd
 

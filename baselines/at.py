@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from baselines.features import FeatureKD
-from baselines.losses import attention_transfer
+from mosaic.losses import attention_transfer
 from mosaic.methods import register_method
 
 

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from baselines.common import StreamMethod, check_fraction, test_top1
-from baselines.losses import hinton_kd
 from mosaic.config import ConfigError
+from mosaic.losses import hinton_kd
 from mosaic.methods import Context, register_method
 from mosaic.methods.supervised import sgd
 from mosaic.models import create_model, freeze, unwrap_model

@@ -19,8 +19,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from baselines.datafree_common import GeneratorMethod, logits_and_features, make_student_opt
-from baselines.datafree_losses import activation_loss, information_entropy_loss, onehot_loss
-from mosaic.losses import kd_loss
+from mosaic.losses import activation_loss, balance_loss, kd_loss, onehot_loss
 from mosaic.methods import Context, register_method
 
 
@@ -47,7 +46,7 @@ class DAFL(GeneratorMethod):
         """The three generator terms (unweighted) and the teacher logits, for images in [0, 1]."""
         t_logits, t_feat = logits_and_features(self.teacher, self.ctx.normalize(fake))
         return {"g_oh": onehot_loss(t_logits), "g_act": activation_loss(t_feat),
-                "g_ie": information_entropy_loss(t_logits, base=10.0), "t_logits": t_logits}
+                "g_ie": balance_loss(t_logits, base=10.0), "t_logits": t_logits}
 
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         o = self.opts

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from baselines.datafree_losses import batch_stats, bn_stat_distance, bn_stat_loss
 from mosaic.config import ConfigError
+from mosaic.losses import batch_stats, bn_stat_distance, bn_stat_loss
 from mosaic.methods import Context, Method
 from mosaic.methods.supervised import sgd
 from mosaic.models import unwrap_model

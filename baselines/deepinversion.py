@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 
 from baselines.datafree_common import BNStatHooks, check_positive, make_student_opt, require
-from baselines.datafree_losses import competition_loss, image_l2, total_variation_l1, total_variation_l2
 from mosaic.augment import Augment, to_float
-from mosaic.losses import cross_entropy, kd_loss
+from mosaic.losses import (competition_loss, cross_entropy, image_l2, kd_loss, total_variation_l1,
+                           total_variation_l2)
 from mosaic.methods import Context, Method, no_param_grad, register_method
 from mosaic.models import unwrap_model
 from mosaic.stream import Stream

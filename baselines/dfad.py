@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from baselines.datafree_common import GeneratorMethod, check_positive, make_student_opt
-from baselines.datafree_losses import logit_l1
+from mosaic.losses import logit_l1
 from mosaic.methods import Context, no_param_grad, register_method
 
 

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from baselines.datafree_common import BNStatHooks, GeneratorMethod, check_positive, make_student_opt
-from baselines.datafree_losses import onehot_loss
-from mosaic.losses import balance_loss, kd_loss
+from mosaic.losses import balance_loss, kd_loss, onehot_loss
 from mosaic.methods import Context, no_param_grad, register_method
 
 

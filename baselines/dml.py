@@ -5,8 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from baselines.common import StreamMethod, test_top1
-from baselines.losses import mutual_loss
 from mosaic.config import ConfigError
+from mosaic.losses import mutual_loss
 from mosaic.methods import Context, register_method
 from mosaic.methods.supervised import sgd
 from mosaic.models import create_model

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from baselines.common import StreamMethod, check_fraction
-from baselines.losses import logit_loss
 from mosaic.config import ConfigError
+from mosaic.losses import logit_loss
 from mosaic.methods import Context
 from mosaic.methods.supervised import sgd
 from mosaic.models import FeatureTaps, feature_info_of

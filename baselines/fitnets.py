@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from baselines.features import Adapters, FeatureKD, make_adapter
-from baselines.losses import hint_loss
+from mosaic.losses import hint_loss
 from mosaic.methods import Context, register_method
 from mosaic.methods.supervised import sgd
 
@@ -17,7 +17,7 @@ class FitNets(FeatureKD):
         "student_layers": None,  # guided student layer(s): module paths or feature indices (null: the middle
                                  #   resolution both nets share, FitNets' middle-layer hint)
         "teacher_layers": None,  # hint layer(s) of the teacher, paired in order with student_layers
-        "weight": 100.0,         # hint loss weight (CRD benchmark's single-stage FitNets; see losses/fitnets.py)
+        "weight": 100.0,         # hint loss weight (CRD benchmark's single-stage FitNets; see mosaic/losses/feature.py)
         "alpha": 0.0,            # share of Hinton KD in the logit loss (0: CE only); KD alone without labels
         "temperature": 4.0,      # KD temperature when alpha > 0 or without labels
         "stream": "train",       # train: labelled in-domain images | ood: the unlabelled OOD pool

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from baselines.common import StreamMethod, check_fraction
-from baselines.losses import hinton_kd
+from mosaic.losses import hinton_kd
 from mosaic.methods import Context, register_method
 from mosaic.methods.supervised import sgd
 

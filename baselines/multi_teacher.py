@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from baselines.common import StreamMethod, check_fraction
-from baselines.losses import multi_teacher_kd, teacher_weights
 from mosaic.config import ConfigError
+from mosaic.losses import multi_teacher_kd, teacher_weights
 from mosaic.methods import Context, register_method
 from mosaic.methods.supervised import sgd
 from mosaic.models import freeze

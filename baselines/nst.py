@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from baselines.features import FeatureKD
-from baselines.losses import KERNELS, nst_loss
 from mosaic.config import ConfigError
+from mosaic.losses import NST_KERNELS, nst_loss
 from mosaic.methods import Context, register_method
 
 
@@ -25,8 +25,8 @@ class NST(FeatureKD):
     }
 
     def __init__(self, ctx: Context) -> None:
-        if ctx.opts["kernel"] not in KERNELS:
-            raise ConfigError(f"nst.kernel must be one of {', '.join(KERNELS)}, got {ctx.opts['kernel']!r}")
+        if ctx.opts["kernel"] not in NST_KERNELS:
+            raise ConfigError(f"nst.kernel must be one of {', '.join(NST_KERNELS)}, got {ctx.opts['kernel']!r}")
         super().__init__(ctx)
 
     def feature_terms(self, s_feats, t_feats):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from baselines.features import FeatureKD, pooled
-from baselines.losses import rkd_angle, rkd_distance
+from mosaic.losses import rkd_angle, rkd_distance
 from mosaic.methods import register_method
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from baselines.datafree_common import GeneratorMethod, check_positive, make_student_opt, require
-from baselines.datafree_losses import attention_loss, elementwise_kl
+from mosaic.losses import at_pair_loss, kd_loss
 from mosaic.methods import Context, no_param_grad, register_method
 from mosaic.models import FeatureTaps, feature_info_of, feature_taps
 
@@ -80,7 +80,7 @@ class ZSKT(GeneratorMethod):
 
     def divergence(self, s_logits: Tensor, t_logits: Tensor) -> Tensor:
         """KL(T || S) averaged over batch and classes at the option's temperature."""
-        return elementwise_kl(s_logits, t_logits, temperature=self.opts["temperature"])
+        return kd_loss(s_logits, t_logits, temperature=self.opts["temperature"], reduction="mean")
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
         """The adversarial term -KL(T || S) on images in [0, 1]; gradients reach G through T and S."""
@@ -109,7 +109,7 @@ class ZSKT(GeneratorMethod):
             with feature_taps(self.student, self.s_layers) as s_feats:
                 s_logits = self.student(x)
             loss_kl = self.divergence(s_logits, t_logits)
-            loss_at = sum((attention_loss(s_feats[s], t_feats[t]) for s, t in zip(self.s_layers, self.t_layers)),
+            loss_at = sum((at_pair_loss(s_feats[s], t_feats[t]) for s, t in zip(self.s_layers, self.t_layers)),
                           loss_kl.new_zeros(()))
             loss_s = loss_kl + o["beta"] * loss_at
             self.student_opt.zero_grad(set_to_none=True)

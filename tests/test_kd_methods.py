@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from conftest import base_overrides
 from mosaic.config import ConfigError, resolve
@@ -157,6 +158,19 @@ def test_adapter_maps_channels_between_different_nets():
     assert m.regressor.adapters[0].weight.grad.abs().sum() > 0
 
 
+def test_adapters_map_channels_and_reject_spatial_mismatch():
+    from baselines.features import make_adapter
+    conv = make_adapter("fitnets", "layer1", (32, 8, 8), "layer1", (64, 8, 8))
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
+    assert conv(torch.zeros(2, 32, 8, 8)).shape == (2, 64, 8, 8)
+    lin = make_adapter("fitnets", "fc", (10,), "fc", (20,))
+    assert isinstance(lin, nn.Linear) and lin.out_features == 20
+    with pytest.raises(ConfigError, match=r"'layer1'.*\(32, 8, 8\).*'layer2'.*\(64, 4, 4\)"):
+        make_adapter("fitnets", "layer1", (32, 8, 8), "layer2", (64, 4, 4))
+    with pytest.raises(ConfigError, match=r"\(32, 8, 8\).*\(64,\)"):
+        make_adapter("fitnets", "layer1", (32, 8, 8), "fc", (64,))
+
+
 def test_layer_shape_mismatch_names_both_shapes():
     with pytest.raises(ConfigError, match=r"student layer 1 gives shape \(32, 8, 8\) but teacher layer 2 gives "
                                           r"shape \(64, 4, 4\)"):
@@ -172,7 +186,7 @@ def test_layer_shape_mismatch_names_both_shapes():
 
 
 def test_feature_methods_match_their_losses_on_one_step():
-    from baselines.losses import attention_transfer, nst_loss, rkd_angle, rkd_distance
+    from mosaic.losses import attention_transfer, nst_loss, rkd_angle, rkd_distance
     batch = labelled_batch(3)
     for name in ("at", "nst", "rkd"):
         m = make(name)

@@ -25,10 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from mosaic.augment import normalize
+from mosaic.losses import mkd_loss
 from mosaic.models import (CheckpointError, FeatureTaps, ModelError, create_model, feature_info_of, freeze,
                            load_model, resolve_layer, save_model)
-
-from .losses import mkd_loss
 
 __all__ = ["MKD", "build_mkd", "default_layers", "load_mkd", "save_mkd", "OPTIONS_NAME"]
 

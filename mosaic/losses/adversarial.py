@@ -1,10 +1,11 @@
-"""Adversarial logit KD: a discriminator tells teacher logits from student logits; the student fools it.
+"""Adversarial losses: a discriminator tells real from fake, the other player tries to fool it.
 
-Xu, Hsu & Huang, "Training Shallow and Thin Networks for Acceleration via Knowledge Distillation with
-Conditional Adversarial Networks" (ICLR 2018 workshop). The discriminator D sees (softened) logits;
-its first two outputs score real (teacher) / fake (student). In the class-conditioned form it has
-C + 2 outputs and the last C classify the logits' class as well (auxiliary-classifier style), which
-keeps the student's logits class-consistent. An L1 term on the logits themselves steadies training.
+MosaicKD's patch-GAN loss on images, and adversarial logit KD: Xu, Hsu & Huang, "Training Shallow
+and Thin Networks for Acceleration via Knowledge Distillation with Conditional Adversarial Networks"
+(ICLR 2018 workshop). There the discriminator D sees (softened) logits; its first two outputs score
+real (teacher) / fake (student). In the class-conditioned form it has C + 2 outputs and the last C
+classify the logits' class as well (auxiliary-classifier style), which keeps the student's logits
+class-consistent; an L1 term on the logits themselves (`logit_l1`) steadies training.
 The losses here are unweighted. The weights and the discriminator used by `adv_kd` (L1 and
 adversarial weight 1 each, a 3-layer MLP of width 256, Adam 2e-4, betas 0.5/0.999) are our
 choices, not values reproduced from the paper: equal weights are the neutral starting point and
@@ -15,6 +16,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+# ----------------------------------------------------------------------------- patch GAN (MosaicKD)
+
+def patch_gan_loss(logits: Tensor, *, real: bool, reduction: str = "mean") -> Tensor:
+    """Binary cross-entropy with logits of a (B, 1, H, W) patch map against an all-real or all-fake target.
+
+    reduction "mean" averages over every logit; "sum" sums each sample's map and averages over
+    samples (so the term grows with the number of patches, as in the MosaicKD reference code).
+    """
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    if reduction == "mean":
+        return bce.mean()
+    if reduction == "sum":
+        return bce.flatten(1).sum(1).mean()
+    raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------- adversarial logit KD
 
 REAL, FAKE = 0, 1  # indices of the real/fake scores among D's first two outputs
 
@@ -52,11 +73,3 @@ def student_adversarial_loss(d_student: Tensor, labels: Tensor | None = None) ->
     """The student's adversarial loss: D should call its logits real (+ class CE when conditioned)."""
     _check_outputs(d_student, labels)
     return _source_ce(d_student, REAL) + _class_ce(d_student, labels)
-
-
-def logit_l1(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Mean over the batch of ||t - s||_1 / C: the L1 logit-matching term (mean absolute difference)."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"logit L1: student shape {tuple(student_logits.shape)} does not match teacher shape "
-                         f"{tuple(teacher_logits.shape)}; both networks need the same classes")
-    return (student_logits.float() - teacher_logits.float()).abs().mean()

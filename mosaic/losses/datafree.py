@@ -1,17 +1,20 @@
-"""Losses of the data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion): pure functions of tensors.
+"""Losses of the data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion) that no other method shares.
 
-Shared terms that MosaicKD also uses (Hinton KD, teacher entropy, natural-log class
-balance) live in `mosaic.losses`; this module holds the rest. Every function computes in
-float32 whatever the input dtype, so the terms are stable under autocast.
+Teacher-side priors on synthetic images (DAFL's one-hot and activation terms), DeepInversion's
+competition term, BatchNorm-statistics matching (DFQ, DeepInversion) and image priors
+(DeepInversion). The KD divergences they train students with live in `mosaic.losses.response`,
+the class-balance term in `mosaic.losses.generator`. Every function computes in float32 whatever
+the input dtype, so the terms are stable under autocast.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mosaic.losses.response import js_divergence
 
 
 # ----------------------------------------------------------------------------- teacher-side priors (DAFL, DFQ)
@@ -27,53 +30,7 @@ def activation_loss(features: Tensor) -> Tensor:
     return -features.float().abs().mean()
 
 
-def information_entropy_loss(logits: Tensor, *, base: float = 10.0) -> Tensor:
-    """sum_c pbar_c log_base pbar_c of the batch-mean softmax: minimal, -log_base C, for balanced classes (DAFL L_ie).
-
-    DAFL's official code uses log10, so its weight (5 on CIFAR-10) refers to base 10.
-    """
-    p_bar = F.softmax(logits.float(), dim=1).mean(dim=0)
-    return (p_bar * torch.log(p_bar.clamp_min(1e-12))).sum() / math.log(base)
-
-
-# ----------------------------------------------------------------------------- teacher-student discrepancies
-
-def elementwise_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) averaged over batch *and* classes (ZSKT: PyTorch kl_div's old 'mean')."""
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).mean()
-
-
-def logit_l1(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Mean absolute difference between student and teacher logits over batch and classes (DFAD)."""
-    return (student_logits.float() - teacher_logits.float()).abs().mean()
-
-
-def attention_map(features: Tensor) -> Tensor:
-    """Spatial attention of a (B, C, H, W) map: channel-mean of squares, flattened, L2-normalised per sample."""
-    a = features.float().pow(2).mean(dim=1).flatten(1)
-    return F.normalize(a, dim=1)
-
-
-def attention_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
-    """Mean squared difference of the two attention maps (Zagoruyko & Komodakis, as used by ZSKT)."""
-    if student_features.shape[-2:] != teacher_features.shape[-2:]:
-        raise ValueError(f"attention transfer needs maps of equal spatial size, got student "
-                         f"{tuple(student_features.shape)} and teacher {tuple(teacher_features.shape)}: "
-                         f"pair layers with the same reduction (zskt.at_layers)")
-    return (attention_map(student_features) - attention_map(teacher_features)).pow(2).mean()
-
-
-def js_divergence(logits_a: Tensor, logits_b: Tensor, *, temperature: float = 1.0) -> Tensor:
-    """Jensen-Shannon divergence (nats) between softmax(a/T) and softmax(b/T), mean over the batch."""
-    log_p = F.log_softmax(logits_a.float() / temperature, dim=1)
-    log_q = F.log_softmax(logits_b.float() / temperature, dim=1)
-    p, q = log_p.exp(), log_q.exp()
-    log_m = torch.log((0.5 * (p + q)).clamp_min(1e-12))
-    js = 0.5 * (p * (log_p - log_m)).sum(dim=1) + 0.5 * (q * (log_q - log_m)).sum(dim=1)
-    return js.mean()
-
+# ----------------------------------------------------------------------------- teacher-student competition (DeepInversion)
 
 def competition_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 3.0) -> Tensor:
     """Adaptive DeepInversion's R_compete = 1 - JS(p_T, p_S): low where teacher and student disagree."""

@@ -1,4 +1,7 @@
-"""Relational KD: transfer the pairwise distances and triplet angles of the teacher's embeddings."""
+"""Relation-based losses: transfer the pairwise distances and triplet angles of the teacher's embeddings (RKD).
+
+Every function computes in float32 whatever the input dtype.
+"""
 from __future__ import annotations
 
 import torch
