@@ -55,6 +55,7 @@ def test_onnx_export_matches_pytorch_and_records_normalisation(run, tiny_task, c
     assert props["arch"] == "cnn_tiny" and "normalised" in props["input"]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_reloads_and_matches(run, tiny_task):
     from mosaic.export import export
 
