@@ -58,7 +58,7 @@ def check_images(folder: Path, meta: dict, *, batch: int, log=print) -> tuple[Te
     """`batch` normalised test images of the run's data.test (decoded as the engine does), or random ones."""
     from mosaic.augment import to_float
     from mosaic.data import DataError
-    from mosaic.engine import load_split
+    from mosaic.data import load_split
 
     size, chans = meta["image_size"], meta["in_chans"]
     try:
