@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from baselines.datafree_common import BNStatHooks
-from baselines.deepinversion import DeepInversion
-from baselines.zskt import pair_layers
+from baselines.datafree.common import BNStatHooks
+from baselines.datafree.deepinversion import DeepInversion
+from baselines.datafree.zskt import pair_layers
 from conftest import base_overrides
 from hand import approx
 from mosaic.config import ConfigError, resolve
@@ -222,7 +222,11 @@ def test_deepinversion_priors_are_on_by_default_and_smooth_images():
 
 
 def test_deepinversion_synthesis_lowers_its_loss_and_fills_the_pool():
+    import warnings
+
+    filters = list(warnings.filters)
     m = make("deepinversion", pool_size=6, synth_batch=4, di_iters=8, lr=0.1)
+    assert warnings.filters == filters  # no process-wide filter installed by the method
     torch.manual_seed(1)
     v = torch.randn(4, 3, SIZE, SIZE)
     targets = torch.arange(4) % CLASSES

@@ -203,3 +203,20 @@ def test_the_add_a_method_example_works_as_written(tiny_task, tiny_teacher, tmp_
     x = torch.rand(4, 3, 16, 16)
     want = kd_loss(ctx_student((x - 0.5).flatten(1)), ctx_teacher((x - 0.5).flatten(1)), temperature=2.0)
     assert m.step({"ood": x}, 0)["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_schedules_follow_run_steps_without_a_process_wide_warnings_filter():
+    """step_schedules steps a schedule whose optimizer skipped the step silently, and leaves warnings.filters as it was."""
+    import warnings
+
+    from mosaic.engine.schedule import step_schedules
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 ** i)
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step_schedules([sched])  # no optimizer step before it: torch would warn
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    assert warnings.filters == filters
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)

@@ -17,6 +17,7 @@ from mosaic.engine.folder import (check_run_dir, checkpoints, load_latest_checkp
                                   save_checkpoint, save_grid)
 from mosaic.engine.metrics import MetricLog
 from mosaic.engine.players import prepare_players
+from mosaic.engine.schedule import step_schedules
 from mosaic.engine.task import Task, draw_batch, make_context, make_streams, setup_task
 from mosaic.guard import DivergenceError, Guard, scale_learning_rates
 from mosaic.methods import get_method
@@ -144,8 +145,7 @@ def train(cfg: dict) -> dict[str, Any]:
             batch = draw_batch(streams, needs, batch_size)
             with accelerator.autocast():
                 losses = method.step(batch, progress.step)
-            for sched in schedulers:
-                sched.step()
+            step_schedules(schedulers)
             progress.step += 1
             step = progress.step
             guard.observe(losses, step)

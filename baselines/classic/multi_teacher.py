@@ -6,11 +6,10 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from baselines.common import StreamMethod, check_fraction
+from baselines.classic.common import StreamMethod, check_fraction
 from mosaic.config import ConfigError
 from mosaic.losses import multi_teacher_kd, teacher_weights
 from mosaic.methods import Context, register_method
-from mosaic.methods.supervised import sgd
 from mosaic.models import freeze
 
 
@@ -48,7 +47,7 @@ class MultiTeacherKD(StreamMethod):
             self.weights = teacher_weights(len(self.teachers), o["weights"])
         except ValueError as err:
             raise ConfigError(f"multi_teacher.weights: {err} (the run's teacher first)") from None
-        self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
+        self.student_opt = self.student_optimizer()
 
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         o = self.opts
@@ -58,5 +57,5 @@ class MultiTeacherKD(StreamMethod):
         s_logits = self.student(x)
         loss = multi_teacher_kd(s_logits, t_logits, y, temperature=o["temperature"], alpha=o["alpha"],
                                 weights=self.weights)
-        self.update(loss, [self.student_opt])
+        self.update(loss, self.student_opt)
         return {"loss": loss.detach()}

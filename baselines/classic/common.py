@@ -1,7 +1,5 @@
-"""What the classic KD baselines share: the data stream option, inputs, one optimiser update, test-set top-1."""
+"""What the classic KD baselines share: the data stream option, inputs, test-set top-1."""
 from __future__ import annotations
-
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -30,26 +28,25 @@ class StreamMethod(Method):
     needs = {"train": 1}
 
     @classmethod
+    def resolved(cls, opts: dict) -> dict:
+        """The options the method runs with (a registered configuration maps its own names onto them)."""
+        return opts
+
+    @classmethod
     def stream_needs(cls, opts: dict) -> dict[str, int]:
-        """One batch per step from the chosen stream (`stream`: train | ood)."""
-        return {check_stream(cls.name, opts.get("stream", "train")): 1}
+        """`batches` (default 1) batches per step from the chosen stream (`stream`: train | ood)."""
+        o = cls.resolved(opts)
+        return {check_stream(cls.name, o.get("stream", "train")): o.get("batches", 1)}
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
+        self.opts = self.resolved(ctx.opts)
         self.stream = check_stream(self.name, self.opts.get("stream", "train"))
 
     def inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """Normalised images of the chosen stream and their labels (None for the unlabelled OOD pool)."""
         return self.ctx.normalize(batch[self.stream]), batch.get(f"{self.stream}_labels")
 
-    def update(self, loss: Tensor, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """Zero the optimisers' gradients, back-propagate `loss` and step them all."""
-        optimizers = list(optimizers)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        self.backward(loss)
-        for opt in optimizers:
-            opt.step()
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.datafree_common import BNStatHooks, GeneratorMethod, check_positive, make_student_opt
+from baselines.datafree.common import BNStatHooks, GeneratorMethod, check_positive, make_student_opt
 from mosaic.losses import balance_loss, kd_loss, onehot_loss
 from mosaic.methods import Context, no_param_grad, register_method
 
@@ -62,16 +62,12 @@ class DFQ(GeneratorMethod):
             g = self.generator_losses(self.generate())
             loss_g = (o["lambda_bn"] * g["g_bn"] + o["lambda_onehot"] * g["g_oh"]
                       + o["lambda_balance"] * g["g_balance"] + o["lambda_adv"] * g["g_adv"])
-        self.generator_opt.zero_grad(set_to_none=True)
-        self.backward(loss_g)
-        self.generator_opt.step()
+        self.update(loss_g, self.generator_opt)
 
         for _ in range(o["student_steps"]):
             with torch.no_grad():
                 x = self.ctx.normalize(self.generate())
                 t_logits = self.teacher(x)
             loss_s = kd_loss(self.student(x), t_logits, temperature=o["temperature"])
-            self.student_opt.zero_grad(set_to_none=True)
-            self.backward(loss_s)
-            self.student_opt.step()
+            self.update(loss_s, self.student_opt)
         return {"loss_g": loss_g.detach(), "loss_s": loss_s.detach(), **{k: v.detach() for k, v in g.items()}}

@@ -4,11 +4,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from baselines.common import StreamMethod, test_top1
+from baselines.classic.common import StreamMethod, test_top1
 from mosaic.config import ConfigError
 from mosaic.losses import mutual_loss
 from mosaic.methods import Context, register_method
-from mosaic.methods.supervised import sgd
 from mosaic.models import create_model
 
 
@@ -36,11 +35,11 @@ class DeepMutualLearning(StreamMethod):
         arch = self.opts["peer_arch"] or ctx.cfg["student"]["arch"]
         self.peer_names = [f"peer{i}" for i in range(1, k)]
         self.players = ("student", *self.peer_names)
-        self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
+        self.student_opt = self.student_optimizer()
         for name in self.peer_names:
             peer = create_model(arch, num_classes=ctx.num_classes, in_chans=ctx.channels).to(ctx.device)
             setattr(self, name, peer)
-            setattr(self, f"{name}_opt", sgd(peer.parameters(), ctx.cfg["student"]))
+            setattr(self, f"{name}_opt", self.student_optimizer(peer.parameters()))
 
     def networks(self) -> dict[str, nn.Module]:
         """The K networks by player name, the student first."""
@@ -54,7 +53,7 @@ class DeepMutualLearning(StreamMethod):
         # gives every network the gradient of its own DML loss.
         losses = {name: mutual_loss(z, [logits[o] for o in nets if o != name], y,
                                     temperature=self.opts["temperature"]) for name, z in logits.items()}
-        self.update(torch.stack(list(losses.values())).sum(), [getattr(self, f"{n}_opt") for n in nets])
+        self.update(torch.stack(list(losses.values())).sum(), *[getattr(self, f"{n}_opt") for n in nets])
         out = {f"loss_{name}": loss.detach() for name, loss in losses.items()}
         out["loss"] = out.pop("loss_student")
         return out

@@ -6,11 +6,10 @@ from typing import Any, ClassVar, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from baselines.common import StreamMethod, check_fraction
+from baselines.classic.common import StreamMethod, check_fraction
 from mosaic.config import ConfigError
 from mosaic.losses import logit_loss
 from mosaic.methods import Context
-from mosaic.methods.supervised import sgd
 from mosaic.models import FeatureTaps, feature_info_of
 
 LayerRef = Union[str, int]
@@ -152,7 +151,7 @@ class FeatureKD(StreamMethod):
             for s, t in self.pairs:
                 require_same_spatial(self.name, s, s_shapes[s], t, t_shapes[t])
         self.taps = PairedTaps(self.student, self.teacher, self.pairs)
-        self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
+        self.student_opt = self.student_optimizer()
 
     def pair_shapes(self) -> tuple[dict, dict]:
         """Output shapes of the paired student and teacher layers, from one probe forward each."""
@@ -176,6 +175,6 @@ class FeatureKD(StreamMethod):
         feature_loss, terms = self.feature_terms(*self.taps.features())
         logit = logit_loss(s_logits, t_logits, y, temperature=o["temperature"], alpha=o["alpha"])
         loss = logit + feature_loss
-        self.update(loss, self.optimizers())
+        self.update(loss, *self.optimizers())
         self.taps.clear()
         return {"loss": loss.detach(), "loss_logit": logit.detach(), **{k: v.detach() for k, v in terms.items()}}

@@ -1,7 +1,7 @@
 """Attention transfer: match normalised spatial attention maps at several layer pairs, plus the logit loss."""
 from __future__ import annotations
 
-from baselines.features import FeatureKD
+from baselines.classic.features import FeatureKD
 from mosaic.losses import attention_transfer
 from mosaic.methods import register_method
 

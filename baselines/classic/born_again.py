@@ -7,11 +7,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from baselines.common import StreamMethod, check_fraction, test_top1
+from baselines.classic.common import StreamMethod, check_fraction, test_top1
 from mosaic.config import ConfigError
 from mosaic.losses import hinton_kd
 from mosaic.methods import Context, register_method
-from mosaic.methods.supervised import sgd
 from mosaic.models import create_model, freeze, unwrap_model
 
 
@@ -40,7 +39,7 @@ class BornAgain(StreamMethod):
             raise ConfigError(f"born_again.generations must be an integer in [1, steps={ctx.steps}], got {g!r}")
         check_fraction(self.name, "alpha", self.opts["alpha"])
         self.frozen: list[nn.Module] = []  # students of the finished generations, oldest first
-        self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
+        self.student_opt = self.student_optimizer()
 
     def boundaries(self) -> list[int]:
         """Step indices at which generations 2..G begin (the steps split as evenly as integers allow)."""
@@ -99,7 +98,7 @@ class BornAgain(StreamMethod):
             t_logits = self.current_teacher()(x)
         s_logits = self.student(x)
         loss = hinton_kd(s_logits, t_logits, y, temperature=o["temperature"], alpha=o["alpha"])
-        self.update(loss, [self.student_opt])
+        self.update(loss, self.student_opt)
         return {"loss": loss.detach(), "generation": torch.tensor(float(len(self.frozen) + 1), device=loss.device),
                 "gen_lr": torch.tensor(float(self.student_opt.param_groups[0]["lr"]), device=loss.device)}
 

@@ -18,7 +18,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from baselines.datafree_common import GeneratorMethod, check_positive, make_student_opt, require
+from baselines.datafree.common import GeneratorMethod, check_positive, make_student_opt, require
 from mosaic.losses import at_pair_loss, kd_loss
 from mosaic.methods import Context, no_param_grad, register_method
 from mosaic.models import FeatureTaps, feature_info_of, feature_taps

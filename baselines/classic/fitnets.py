@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from baselines.features import Adapters, FeatureKD, make_adapter
+from baselines.classic.features import Adapters, FeatureKD, make_adapter
 from mosaic.losses import hint_loss
 from mosaic.methods import Context, register_method
-from mosaic.methods.supervised import sgd
 
 
 
@@ -32,7 +31,7 @@ class FitNets(FeatureKD):
         s_shapes, t_shapes = self.pair_shapes()
         self.regressor = Adapters([make_adapter(self.name, s, s_shapes[s], t, t_shapes[t]) for s, t in self.pairs]
                                   ).to(ctx.device)
-        self.regressor_opt = sgd(self.regressor.parameters(), ctx.cfg["student"])
+        self.regressor_opt = self.student_optimizer(self.regressor.parameters())
 
     def optimizers(self):
         return [self.student_opt, self.regressor_opt]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.datafree_common import GeneratorMethod, check_positive, make_student_opt
+from baselines.datafree.common import GeneratorMethod, check_positive, make_student_opt
 from mosaic.losses import logit_l1
 from mosaic.methods import Context, no_param_grad, register_method
 
@@ -45,13 +45,9 @@ class DFAD(GeneratorMethod):
                 x = self.ctx.normalize(self.generate())
                 t_logits = self.teacher(x)
             loss_s = logit_l1(self.student(x), t_logits)
-            self.student_opt.zero_grad(set_to_none=True)
-            self.backward(loss_s)
-            self.student_opt.step()
+            self.update(loss_s, self.student_opt)
 
         with no_param_grad(self.student):
             g = self.generator_losses(self.generate())
-        self.generator_opt.zero_grad(set_to_none=True)
-        self.backward(g["g_adv"])
-        self.generator_opt.step()
+        self.update(g["g_adv"], self.generator_opt)
         return {"loss_s": loss_s.detach(), "loss_g": g["g_adv"].detach()}

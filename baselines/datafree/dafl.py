@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from baselines.datafree_common import GeneratorMethod, logits_and_features, make_student_opt
+from baselines.datafree.common import GeneratorMethod, logits_and_features, make_student_opt
 from mosaic.losses import activation_loss, balance_loss, kd_loss, onehot_loss
 from mosaic.methods import Context, register_method
 
@@ -53,14 +53,10 @@ class DAFL(GeneratorMethod):
         fake = self.generate()
         g = self.generator_losses(fake)
         loss_g = o["lambda_onehot"] * g["g_oh"] + o["lambda_act"] * g["g_act"] + o["lambda_ie"] * g["g_ie"]
-        self.generator_opt.zero_grad(set_to_none=True)
-        self.backward(loss_g)
-        self.generator_opt.step()
+        self.update(loss_g, self.generator_opt)
 
         x = self.ctx.normalize(fake.detach())
         loss_s = kd_loss(self.student(x), g["t_logits"].detach(), temperature=o["temperature"])
-        self.student_opt.zero_grad(set_to_none=True)
-        self.backward(loss_s)
-        self.student_opt.step()
+        self.update(loss_s, self.student_opt)
         return {"loss_g": loss_g.detach(), "loss_s": loss_s.detach(),
                 **{k: v.detach() for k, v in g.items() if k != "t_logits"}}

@@ -5,11 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from baselines.common import StreamMethod
+from baselines.classic.common import StreamMethod
 from mosaic.config import ConfigError
 from mosaic.losses import discriminator_loss, logit_l1, student_adversarial_loss
 from mosaic.methods import Context, no_param_grad, register_method
-from mosaic.methods.supervised import sgd
 
 D_INPUTS = ("logits", "probs")
 
@@ -55,7 +54,7 @@ class AdversarialKD(StreamMethod):
                                                 conditional=o["conditional"]).to(ctx.device)
         self.discriminator_opt = torch.optim.Adam(self.discriminator.parameters(), lr=o["lr_d"],
                                                   betas=tuple(o["betas"]), foreach=True)
-        self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
+        self.student_opt = self.student_optimizer()
 
     def soften(self, logits: Tensor) -> Tensor:
         """The discriminator's view of a batch of logits."""
@@ -74,7 +73,7 @@ class AdversarialKD(StreamMethod):
         d_out = self.discriminator(self.soften(torch.cat([t_logits, s_logits.detach()])))  # one call: DDP-safe
         d_teacher, d_student = d_out.split(len(t_logits))
         loss_d = discriminator_loss(d_teacher, d_student, classes)
-        self.update(loss_d, [self.discriminator_opt])
+        self.update(loss_d, self.discriminator_opt)
 
         # 2. Student: fool D, match the teacher's logits in L1 (and the labels when ce_weight > 0).
         with no_param_grad(self.discriminator):
@@ -83,6 +82,6 @@ class AdversarialKD(StreamMethod):
         loss_s = o["adv_weight"] * adv + o["l1_weight"] * l1
         if o["ce_weight"] and y is not None:
             loss_s = loss_s + o["ce_weight"] * F.cross_entropy(s_logits.float(), y)
-        self.update(loss_s, [self.student_opt])
+        self.update(loss_s, self.student_opt)
         return {"loss_d": loss_d.detach(), "loss_s": loss_s.detach(), "loss_adv": adv.detach(),
                 "loss_l1": l1.detach()}

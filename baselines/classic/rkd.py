@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from baselines.features import FeatureKD, pooled
+from baselines.classic.features import FeatureKD, pooled
 from mosaic.losses import rkd_angle, rkd_distance
 from mosaic.methods import register_method
 

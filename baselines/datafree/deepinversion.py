@@ -25,12 +25,11 @@ one; give a trained student (student.checkpoint) when setting `competition` > 0.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
-from baselines.datafree_common import BNStatHooks, check_positive, make_student_opt, require
+from baselines.datafree.common import BNStatHooks, check_positive, make_student_opt, require
 from mosaic.augment import Augment, to_float
 from mosaic.losses import (competition_loss, cross_entropy, image_l2, kd_loss, total_variation_l1,
                            total_variation_l2)
@@ -90,8 +89,6 @@ class DeepInversion(Method):
         shape = (1, ctx.channels, 1, 1)
         self.lo = ((0.0 - ctx.mean) / ctx.std).view(shape)  # the valid pixel range in normalised space
         self.hi = ((1.0 - ctx.mean) / ctx.std).view(shape)
-        # Synthesis steps do not step the student, while the engine steps its LR schedule every step.
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
     # ------------------------------------------------------------------------- synthesis
 
@@ -172,9 +169,7 @@ class DeepInversion(Method):
         with torch.no_grad():
             t_logits = self.teacher(x)
         loss_s = kd_loss(self.student(x), t_logits, temperature=self.opts["temperature"])
-        self.student_opt.zero_grad(set_to_none=True)
-        self.backward(loss_s)
-        self.student_opt.step()
+        self.update(loss_s, self.student_opt)
         return {"loss_s": loss_s.detach()}
 
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:

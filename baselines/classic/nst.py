@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from baselines.features import FeatureKD
+from baselines.classic.features import FeatureKD
 from mosaic.config import ConfigError
 from mosaic.losses import NST_KERNELS, nst_loss
 from mosaic.methods import Context, register_method

@@ -9,8 +9,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mosaic.config import ConfigError
 from mosaic.losses import batch_stats, bn_stat_distance, bn_stat_loss
-from mosaic.methods import Context, Method
-from mosaic.methods.supervised import sgd
+from mosaic.methods import Context, Method, sgd
 from mosaic.models import unwrap_model
 from mosaic.players import Generator
 
