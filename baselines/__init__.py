@@ -1,7 +1,8 @@
-"""Baseline methods on mosaic's engine; importing this package registers them."""
-from baselines import kd_ood  # noqa: F401
-from baselines import dafl, deepinversion, dfad, dfq, zskt  # noqa: F401  (data-free baselines)
-from baselines import adv_kd, at, born_again, dml, fitnets, kd, multi_teacher, nst, rkd  # noqa: F401
+"""Baseline methods on mosaic's engine, in two families; importing this package registers them.
 
-__all__ = ["adv_kd", "at", "born_again", "dml", "fitnets", "kd", "kd_ood", "multi_teacher", "nst", "rkd"]
-__all__ += ["dafl", "deepinversion", "dfad", "dfq", "zskt"]
+    classic/   KD losses on real images (in-domain or the OOD pool): kd, kd_ood, fitnets, at, nst, rkd,
+               adv_kd, dml, born_again, multi_teacher
+    datafree/  methods that synthesise their images: dafl, zskt, dfad, dfq, deepinversion
+"""
+from baselines.classic import adv_kd, at, born_again, dml, fitnets, kd, multi_teacher, nst, rkd  # noqa: F401
+from baselines.datafree import dafl, deepinversion, dfad, dfq, zskt  # noqa: F401

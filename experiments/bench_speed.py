@@ -48,10 +48,11 @@ from mosaic.config import resolve  # noqa: E402
 from mosaic.engine import prepare_players  # noqa: E402
 from mosaic.methods import Context, get_method, method_defaults  # noqa: E402
 from mosaic.models import create_model, freeze  # noqa: E402
+from mosaic.norms import KNOWN_STATS  # noqa: E402
 from mosaic.stream import Stream  # noqa: E402
 
 SWITCHES = ("fast_crop", "batch_teacher", "inference_mode", "fused_optim")
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MEAN, STD = KNOWN_STATS["cifar10"]  # what data.py normalises CIFAR-10 with
 
 
 @dataclass

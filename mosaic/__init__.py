@@ -1,4 +1,6 @@
-"""mosaic-kd: knowledge distillation when the teacher's data is gone (MosaicKD and baselines)."""
-__version__ = "0.1.0"
+"""mosaic-kd: knowledge distillation when the teacher's data is gone (MosaicKD and baselines).
 
-from mosaic import models  # noqa: F401  (registers the CIFAR networks in timm)
+Importing `mosaic` alone loads nothing heavy (`mosaic.config` stays torch-free); `mosaic.models`
+(imported by everything that builds a network) registers the CIFAR networks in timm.
+"""
+__version__ = "0.1.0"

@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mosaic.config import PADDING_MODES
 from mosaic.players.patches import random_patches
 
-__all__ = ["to_float", "normalize", "Augment"]
-
-PADDING_MODES = ("constant", "reflect", "replicate")
+__all__ = ["to_float", "normalize", "Augment", "PADDING_MODES"]
 
 
 def to_float(images: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -3,6 +3,7 @@
     mosaic train-teacher [config.yaml] [key=value ...]
     mosaic distill [config.yaml] [key=value ...]
     mosaic evaluate MODEL [key=value ...]
+    mosaic export RUN --format onnx|torchscript [--opset N] [--batch N]   # needs [export] for onnx
     mosaic anomaly fit|score [...]              # MKD anomaly detection (mosaic/anomaly/cli.py)
     accelerate launch -m mosaic distill ...      # several processes / GPUs / machines
 """
@@ -32,6 +33,7 @@ EXAMPLES = {
     "train-teacher": "mosaic train-teacher student.arch=wrn40_2 epochs=60 name=teacher-wrn40_2",
     "distill": "mosaic distill teacher=runs/teacher-wrn40_2 student.arch=wrn16_1 ood=tiny-imagenet steps=2000",
     "evaluate": "mosaic evaluate runs/mosaic-wrn16_1/model.safetensors data.test=cifar10",
+    "export": "mosaic export runs/mosaic-wrn16_1 --format onnx",
 }
 
 
@@ -79,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Top-1 of a saved model (and agreement with a teacher). Example: {EXAMPLES['evaluate']}")
     p.add_argument("model", help="model.safetensors (with its .json) or a run folder")
     p.add_argument("args", nargs="*", metavar="key=value", help="overrides, e.g. data.test=cifar10 teacher=PATH")
+    p = sub.add_parser("export", help="write a run's model as ONNX or TorchScript, checked against PyTorch",
+                       description="Write RUN/model.onnx or RUN/model.torchscript.pt (input: normalised float "
+                       "images; mean, std, size, channels, classes and arch stored in the file) and check its "
+                       f"outputs against PyTorch on the run's test images. Example: {EXAMPLES['export']}")
+    p.add_argument("run", help="run folder holding model.safetensors and model.json")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default: onnx")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default: 17)")
+    p.add_argument("--batch", type=int, default=16, help="test images in the check (default: 16)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed max abs difference to PyTorch's logits (default: 1e-4)")
     from mosaic.anomaly.cli import add_parser as add_anomaly_parser
     add_anomaly_parser(sub)  # mosaic anomaly fit / score
     sub.add_parser("list-models", help="the CIFAR-style networks registered in timm (any timm name also works)")
@@ -91,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mosaic.data import DataError
     from mosaic.engine import RunError
+    from mosaic.export import ExportError
     from mosaic.guard import DivergenceError
     from mosaic.models import CheckpointError, ModelError
     try:
@@ -100,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train(args.args, base={}, print_config=args.print_config)
         if args.command == "evaluate":
             return _cmd_evaluate(args.model, args.args)
+        if args.command == "export":
+            from mosaic.export import export
+            export(args.run, fmt=args.format, opset=args.opset, batch=args.batch, tolerance=args.tolerance)
+            return 0
         if args.command == "anomaly":
             from mosaic.anomaly.cli import run as run_anomaly
             return run_anomaly(args)
@@ -113,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 doc = (get_method(name).__doc__ or "").strip().splitlines()
                 print(f"{name:14s} {doc[0] if doc else ''}")
             return 0
-    except (config_lib.ConfigError, DataError, RunError, CheckpointError, ModelError, DivergenceError) as err:
+    except (config_lib.ConfigError, DataError, RunError, CheckpointError, ModelError, DivergenceError,
+            ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1

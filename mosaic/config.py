@@ -15,6 +15,10 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 
+# What fills the crop padding of the in-device augmentation (mosaic.augment.Augment implements these).
+PADDING_MODES = ("constant", "reflect", "replicate")
+
+
 class ConfigError(ValueError):
     """A config that cannot be used: unknown key, bad value or unreadable file."""
 
@@ -255,7 +259,6 @@ def validate(cfg: Mapping) -> None:
     if classes is not None and (not items or not all(isinstance(c, (str, int)) and not isinstance(c, bool)
                                                      for c in items)):
         raise ConfigError(f"'data.train_classes' must be a class name or index, or a list of them, got {classes!r}")
-    from mosaic.augment import PADDING_MODES  # the modes Augment implements (imported here: config stays torch-free)
     if data["padding_mode"] not in PADDING_MODES:
         raise ConfigError(f"'data.padding_mode' must be {', '.join(PADDING_MODES[:-1])} or {PADDING_MODES[-1]}, "
                           f"got {data['padding_mode']!r}")

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from mosaic.norms import KNOWN_STATS  # per-data-set (mean, std) of the named sets
+
 __all__ = ["DataError", "ImageSet", "data_root", "load_image_set", "load_split", "class_index", "keep_classes",
            "cache_dir", "IMAGE_EXTENSIONS"]
 
@@ -29,16 +31,6 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 CACHE_VERSION = 1
 CHUNK = 1024  # images decoded and resized per step
 MAX_CORRUPT_WARNINGS = 10
-
-# Per-channel (mean, std) in [0, 1]: the values used by the MosaicKD / CMI reference code, so that
-# teachers trained there and here see the same inputs. (CIFAR-10's std there is the common
-# 0.2023/0.1994/0.2010; the true per-pixel std is about 0.247/0.243/0.261.)
-KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-}
 
 # Offline JPEG archives: spec -> (folder / archive stem under the data root, readable name).
 OFFLINE = {

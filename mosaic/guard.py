@@ -62,6 +62,12 @@ class Guard:
         self.skips_in_row = 0
         self.step = 0
 
+    @classmethod
+    def from_config(cls, guard_cfg: dict, *, device: torch.device) -> "Guard":
+        """The guard a run's `guard.*` section describes."""
+        return cls(mode=guard_cfg["on_nonfinite"], every=guard_cfg["every"], max_skips=guard_cfg["max_skips"],
+                   device=device)
+
     @property
     def enabled(self) -> bool:
         return self.mode != "off"

@@ -1,10 +1,12 @@
-"""Tests for MKD anomaly detection: losses, ROC-AUC, detection and localisation on a toy task, and the CLI."""
+"""Tests for MKD anomaly detection: ROC-AUC, detection and localisation on a toy task, and the CLI.
+
+The MKD losses themselves are tested in test_losses_feature.py.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 
 import numpy as np
 import pytest
@@ -13,7 +15,6 @@ from PIL import Image
 
 from mosaic.anomaly.cli import fit_config
 from mosaic.anomaly.localize import colorize, localization_maps, smooth_map
-from mosaic.anomaly.losses import direction_loss, mkd_loss, value_loss
 from mosaic.anomaly.mkd import MKD, build_mkd, load_mkd, save_mkd, score_images, source_targets
 from mosaic.anomaly.roc import average_ranks, roc_auc
 from mosaic.cli import main
@@ -22,40 +23,6 @@ from mosaic.engine import checkpoints, train
 from mosaic.models import ModelError, create_model, save_model
 
 SIZE = 16  # toy image side
-
-
-# ----------------------------------------------------------------------------- losses
-
-
-def _toy_features():
-    """Two images, two layers: a (2, 2) map and a (2, 1, 1, 2) map."""
-    source = [torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[[[3.0, 4.0]]], [[[1.0, 0.0]]]])]
-    cloner = [torch.tensor([[1.0, 1.0], [0.0, 1.0]]), torch.tensor([[[[3.0, 4.0]]], [[[0.0, 1.0]]]])]
-    return source, cloner
-
-
-def test_value_loss_matches_hand_computation():
-    source, cloner = _toy_features()
-    # image 0: layer 1 ((0)^2 + (-1)^2) / 2 = 0.5, layer 2 identical = 0; image 1: (0 + 1) / 2 + (1 + 1) / 2 = 1.5
-    assert torch.allclose(value_loss(source, cloner), torch.tensor([0.5, 1.5]))
-
-
-def test_direction_loss_matches_hand_computation():
-    source, cloner = _toy_features()
-    # image 0: cos([1,0],[1,1]) = 1/sqrt2, cos([3,4],[3,4]) = 1; image 1: cos([0,2],[0,1]) = 1, cos([1,0],[0,1]) = 0
-    expected = torch.tensor([1 - 1 / math.sqrt(2), 1.0])
-    assert torch.allclose(direction_loss(source, cloner), expected)
-    total = mkd_loss(source, cloner, lambda_dir=0.5)
-    assert torch.allclose(total, torch.tensor([0.5, 1.5]) + 0.5 * expected)
-    assert torch.allclose(mkd_loss(source, cloner), torch.tensor([0.5, 1.5]) + 0.01 * expected)  # paper default
-
-
-def test_losses_reject_mismatched_features():
-    source, cloner = _toy_features()
-    with pytest.raises(ValueError, match="critical layer 1"):
-        value_loss(source, [cloner[0], cloner[1][:, :, :, :1]])
-    with pytest.raises(ValueError, match="one cloner feature per source feature"):
-        direction_loss(source, cloner[:1])
 
 
 # ----------------------------------------------------------------------------- ROC-AUC

@@ -76,3 +76,15 @@ def test_bad_yaml_and_bad_override(tmp_path):
         full(overrides=["steps"])
     with pytest.raises(ConfigError, match="section"):
         full(overrides=["data=3"])
+
+
+def test_config_is_on_the_ground_floor():
+    """`import mosaic.config` (and resolving a config) loads no torch, timm, kornia or accelerate."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mosaic.config as c; c.validate(c.merge(c.DEFAULTS, {}));"
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'kornia', 'accelerate')];"
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -513,3 +513,39 @@ def test_fast_augment_is_kornias_pixel_for_pixel(mode, shape, size, padding, fli
         fast = Augment(image_size=size, padding=padding, flip=flip, padding_mode=mode, fast=True)(x)
         assert torch.equal(fast, slow)
         assert torch.equal(torch.rand(1), after_slow)  # the same random numbers were consumed
+
+
+def test_select_ood_keeps_the_highest_teacher_entropy_and_caches_the_choice(tmp_path):
+    """select_ood keeps the images on which the teacher is least sure, in pool order, and reuses its cached choice."""
+    from accelerate import Accelerator
+
+    from mosaic.methods import Context
+    from mosaic.ood_select import select_ood
+
+    class MeanTeacher(torch.nn.Module):
+        """Logits (20 |m - 0.5|, 0, 0) for an image of mean m: the further from grey, the surer."""
+        def forward(self, x):
+            s = 20 * (x.mean(dim=(1, 2, 3)) - 0.5).abs()
+            return torch.stack([s, torch.zeros_like(s), torch.zeros_like(s)], dim=1)
+
+    levels = torch.tensor([0, 250, 120, 200, 131, 60, 255, 128])
+    pool = ImageSet(images=levels.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).to(torch.uint8).contiguous(), labels=None,
+                    classes=None, name="grey levels", mean=(0.5,) * 3, std=(0.25,) * 3)
+    ctx = Context(cfg={"eval_batch_size": 3}, opts={}, teacher=MeanTeacher(), student=torch.nn.Identity(),
+                  num_classes=3, image_size=4, channels=3, mean=torch.zeros(3), std=torch.ones(3),
+                  device=torch.device("cpu"), accelerator=Accelerator(cpu=True), steps=1, batch_size=1)
+    teacher_file = tmp_path / "teacher.safetensors"
+    teacher_file.write_bytes(b"weights")
+    kept = select_ood(pool, ctx, keep=3, teacher_file=str(teacher_file), batch_size=3)
+    # by hand: |level/255 - 0.5| is smallest for 128, 131, 120 (indices 7, 4, 2), kept in pool order
+    assert kept.images[:, 0, 0, 0].tolist() == [120, 131, 128]
+    assert "top-3 entropy" in kept.name and kept.labels is None
+    cached = list((Path(data.cache_dir()) / "ood_select").glob("*.pt"))
+    assert len(cached) == 1
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("the cached choice must be reused, not recomputed")
+    ctx.teacher = Broken()
+    assert torch.equal(select_ood(pool, ctx, keep=3, teacher_file=str(teacher_file)).images, kept.images)
+    assert select_ood(pool, ctx, keep=8, teacher_file=str(teacher_file)) is pool  # nothing to drop

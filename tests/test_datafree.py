@@ -1,4 +1,7 @@
-"""Data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion): losses by hand, adversarial gradients, engine runs."""
+"""Data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion): BN hooks, adversarial gradients, engine runs.
+
+Their losses by hand: test_losses_*.py.
+"""
 from __future__ import annotations
 
 import copy
@@ -10,24 +13,18 @@ import pytest
 import torch
 from torch import nn
 
-from baselines.datafree_common import BNStatHooks
-from baselines.datafree_losses import (activation_loss, attention_loss, attention_map, batch_stats, bn_stat_distance,
-                                       bn_stat_loss, competition_loss, elementwise_kl, image_l2,
-                                       information_entropy_loss, js_divergence, logit_l1, onehot_loss,
-                                       total_variation_l1, total_variation_l2)
-from baselines.deepinversion import DeepInversion
-from baselines.zskt import pair_layers
+from baselines.datafree.common import BNStatHooks
+from baselines.datafree.deepinversion import DeepInversion
+from baselines.datafree.zskt import pair_layers
 from conftest import base_overrides
+from hand import approx
 from mosaic.config import ConfigError, resolve
+from mosaic.losses import batch_stats, total_variation_l2
 from mosaic.methods import Context, get_method, method_defaults
 from mosaic.models import create_model, freeze
 
 B, SIZE, CLASSES = 4, 16, 3
 SMALL = {"nz": 16, "ngf": 8}
-
-
-def approx(x: float):
-    return pytest.approx(x, rel=1e-5, abs=1e-6)
 
 
 def make(name: str, seed: int = 0, **opts):
@@ -47,85 +44,6 @@ def make(name: str, seed: int = 0, **opts):
 
 def grads(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
-
-
-# ----------------------------------------------------------------------------- losses by hand
-
-def test_onehot_loss():
-    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
-    row1 = -math.log(math.exp(2) / (math.exp(2) + math.exp(1) + 1))
-    row2 = -math.log(math.exp(3) / (1 + math.exp(3) + math.exp(1)))
-    assert onehot_loss(logits).item() == approx((row1 + row2) / 2)
-
-
-def test_activation_loss():
-    assert activation_loss(torch.tensor([[1.0, -2.0], [3.0, -4.0]])).item() == approx(-2.5)
-
-
-def test_information_entropy_loss_uses_log10_of_the_mean_prediction():
-    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
-    # p = (3/4, 1/4) and (1/2, 1/2): pbar = (5/8, 3/8)
-    want = 5 / 8 * math.log10(5 / 8) + 3 / 8 * math.log10(3 / 8)
-    assert information_entropy_loss(logits).item() == approx(want)
-    assert information_entropy_loss(torch.zeros(4, 3)).item() == approx(-math.log10(3))
-    assert information_entropy_loss(logits, base=math.e).item() == approx(want * math.log(10))
-
-
-def test_elementwise_kl_averages_over_classes_too():
-    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
-    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
-    assert elementwise_kl(s, t).item() == approx(kl / 2)
-    a = math.sqrt(3) / (math.sqrt(3) + 1)  # softmax of t / 2
-    assert elementwise_kl(s, t, temperature=2.0).item() == approx((a * math.log(2 * a) + (1 - a) * math.log(2 * (1 - a))) / 2)
-
-
-def test_logit_l1():
-    s = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    t = torch.tensor([[0.0, 4.0], [3.0, 1.0]])
-    assert logit_l1(s, t).item() == approx((1 + 2 + 0 + 3) / 4)
-
-
-def test_attention_map_and_loss():
-    f = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # (1, 2, 1, 2)
-    # channel-mean of squares: ((1 + 9) / 2, (4 + 0) / 2) = (5, 2); normalised by sqrt(29)
-    a = [5 / math.sqrt(29), 2 / math.sqrt(29)]
-    assert attention_map(f).flatten().tolist() == [approx(a[0]), approx(a[1])]
-    g = torch.ones(1, 3, 1, 2)  # attention (1, 1) / sqrt(2)
-    b = 1 / math.sqrt(2)
-    assert attention_loss(f, g).item() == approx(((a[0] - b) ** 2 + (a[1] - b) ** 2) / 2)
-    with pytest.raises(ValueError, match="equal spatial size"):
-        attention_loss(f, torch.ones(1, 3, 2, 2))
-
-
-def test_js_divergence_and_competition():
-    a, b = torch.tensor([[math.log(3.0), 0.0]]), torch.tensor([[0.0, 0.0]])
-    p, q, m = (0.75, 0.25), (0.5, 0.5), (0.625, 0.375)
-    js = 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + 0.5 * sum(qi * math.log(qi / mi) for qi, mi in zip(q, m))
-    assert js_divergence(a, b).item() == approx(js)
-    assert js_divergence(b, a).item() == approx(js)
-    assert competition_loss(b, a, temperature=1.0).item() == approx(1 - js)
-    assert competition_loss(a, a).item() == approx(1.0)
-
-
-def test_batch_stats_and_bn_distance():
-    x = torch.tensor([[[[1.0, 3.0]]], [[[5.0, 7.0]]]])  # (2, 1, 1, 2): mean 4, biased var (9+1+1+9)/4 = 5
-    mean, var = batch_stats(x)
-    assert mean.tolist() == [approx(4.0)] and var.tolist() == [approx(5.0)]
-    assert bn_stat_distance(mean, var, torch.zeros(1), torch.ones(1)).item() == approx(4 + 4)
-    # two channels: L2 norms over the channel vector, ||(3, 4)|| + ||(0, 0)||
-    d = bn_stat_distance(torch.tensor([3.0, 4.0]), torch.ones(2), torch.zeros(2), torch.ones(2))
-    assert d.item() == approx(5.0)
-    assert bn_stat_loss([torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)], first_multiplier=10).item() == approx(15)
-
-
-def test_image_priors():
-    x = torch.tensor([[[[1.0, 2.0], [4.0, 8.0]]]])  # (1, 1, 2, 2)
-    # right: (-1, -4); down: (-3, -6); diagonals: 4 - 2 = 2 and 1 - 8 = -7
-    assert total_variation_l2(x).item() == approx(math.sqrt(17) + math.sqrt(45) + 2 + 7)
-    assert total_variation_l1(x).item() == approx(2.5 + 4.5 + 2 + 7)
-    y = torch.tensor([[[[3.0, 4.0]]], [[[0.0, 0.0]]]])
-    assert image_l2(y).item() == approx((5 + 0) / 2)
-    assert total_variation_l2(torch.full((2, 3, 4, 4), 0.7)).item() == 0
 
 
 # ----------------------------------------------------------------------------- BatchNorm statistics
@@ -304,7 +222,11 @@ def test_deepinversion_priors_are_on_by_default_and_smooth_images():
 
 
 def test_deepinversion_synthesis_lowers_its_loss_and_fills_the_pool():
+    import warnings
+
+    filters = list(warnings.filters)
     m = make("deepinversion", pool_size=6, synth_batch=4, di_iters=8, lr=0.1)
+    assert warnings.filters == filters  # no process-wide filter installed by the method
     torch.manual_seed(1)
     v = torch.randn(4, 3, SIZE, SIZE)
     targets = torch.arange(4) % CLASSES

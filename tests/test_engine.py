@@ -157,3 +157,66 @@ def test_padding_mode_is_checked(tiny_task, tmp_path):
         cfg_for(tiny_task, tmp_path, **{"data.padding_mode": "wrap"})
     with pytest.raises(ConfigError, match="crop_padding < data.image_size"):
         cfg_for(tiny_task, tmp_path, **{"data.padding_mode": "reflect", "data.crop_padding": 16})
+
+
+def test_the_add_a_method_example_works_as_written(tiny_task, tiny_teacher, tmp_path):
+    """mosaic.methods' docstring example registers, takes its option from the config and trains through the engine."""
+    import textwrap
+
+    import mosaic.methods as methods
+    from mosaic.losses import kd_loss
+
+    doc = methods.__doc__
+    block = doc[doc.index("import torch"):doc.index("A step must not")]
+    code = textwrap.dedent("    " + block)
+    assert 20 <= len([ln for ln in code.splitlines() if ln.strip()]) <= 25
+    namespace: dict = {}
+    exec(compile(code, "mosaic.methods docstring", "exec"), namespace)
+    assert "my_kd" in methods.list_methods()
+
+    teacher_before = load_file(str(tiny_teacher))
+    cfg = cfg_for(tiny_task, tmp_path, name="my", steps=3, method="my_kd", teacher=str(tiny_teacher),
+                  **{"student.arch": "cnn_tiny", "my_kd.temperature": 2})
+    assert cfg["my_kd"] == {"temperature": 2}
+    train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "my" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
+    assert all(torch.equal(v, load_file(str(tiny_teacher))[k]) for k, v in teacher_before.items())
+
+    # its step computes exactly kd_loss at the configured temperature on the normalised batch
+    method = namespace["MyKD"]
+    ctx_student = torch.nn.Linear(3 * 16 * 16, 3)
+    ctx_teacher = torch.nn.Linear(3 * 16 * 16, 3).requires_grad_(False)
+
+    class Ctx:  # the smallest stand-in: what the example touches
+        opts, teacher, student, accelerator = {"temperature": 2.0}, ctx_teacher, ctx_student, None
+        cfg = {"student": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "nesterov": False}}
+
+        @staticmethod
+        def normalize(x):
+            return (x - 0.5).flatten(1)
+
+    m = method.__new__(method)
+    methods.Method.__init__(m, Ctx)
+    m.student_opt = m.student_optimizer()
+    m.backward = lambda loss: loss.backward()
+    x = torch.rand(4, 3, 16, 16)
+    want = kd_loss(ctx_student((x - 0.5).flatten(1)), ctx_teacher((x - 0.5).flatten(1)), temperature=2.0)
+    assert m.step({"ood": x}, 0)["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_schedules_follow_run_steps_without_a_process_wide_warnings_filter():
+    """step_schedules steps a schedule whose optimizer skipped the step silently, and leaves warnings.filters as it was."""
+    import warnings
+
+    from mosaic.engine.schedule import step_schedules
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 ** i)
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step_schedules([sched])  # no optimizer step before it: torch would warn
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    assert warnings.filters == filters
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)

@@ -1,7 +1,9 @@
 """Experiment configs and suites stay valid as the code changes."""
-from pathlib import Path
-
+import csv
+import json
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,7 +12,7 @@ from mosaic.cli import TEACHER_BASE, _resolve
 
 EXP = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXP))
-from suite import as_overrides as items  # noqa: E402
+from suite import as_overrides as items, labels_of  # noqa: E402
 
 
 @pytest.mark.parametrize("path", sorted((EXP / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -21,13 +23,16 @@ def test_configs_resolve(path):
 
 @pytest.mark.parametrize("path", sorted((EXP / "suites").glob("*.yaml")), ids=lambda p: p.name)
 def test_suites_resolve(path):
+    from suite import plan
+
     spec = yaml.safe_load(path.read_text())
     _resolve(items({**spec.get("data", {}), **spec["teacher"]}), TEACHER_BASE)
-    for method, overrides in spec["methods"].items():
-        overrides = dict(overrides or {})
-        overrides.pop("label", None)
-        cfg = _resolve(items({**spec.get("data", {}), **spec.get("common", {}), "method": method, **overrides}))
-        assert cfg["method"] == overrides.get("method", method)  # a row may run a method under its own name
+    for run in plan(path.stem, spec):
+        cfg = _resolve(items({**spec.get("data", {}), **spec.get("common", {}), "method": run.method,
+                              **run.overrides}))
+        assert cfg["method"] == run.overrides.get("method", run.method)  # a row may run a method under its own name
+        if run.seed is not None:
+            assert cfg["seed"] == run.seed
 
 
 def test_suite_table_ends_with_the_whole_run_time():
@@ -42,3 +47,91 @@ def test_suite_table_ends_with_the_whole_run_time():
     assert lines[-3].startswith("| kd_ood | 52.54 | 71.44 | 63.97 |")
     assert lines[-1] == "Whole suite in one run: 1 min 1 s wall, teacher reused."
     assert "Whole suite" not in markdown(rows, title="t")
+
+
+# ----------------------------------------------------------------------------- seeds in suites
+
+def tiny_suite(folder: Path, task: dict, teacher: Path, **extra) -> Path:
+    """A one-row suite on the tiny task (supervised: its top-1 moves with the seed at 3 steps), its teacher a copy
+    of the tiny trained run; returns the YAML path."""
+    shutil.copytree(teacher.parent, folder / "runs" / "tiny-teacher")
+    spec = {"teacher_run": "tiny-teacher",
+            "data": {"data.train": str(task["task"]), "data.test": str(task["task"]), "data.ood": str(task["ood"]),
+                     "data.image_size": 16, "data.cache": False},
+            "teacher": {"student.arch": "cnn_tiny"},
+            "common": {"student.arch": "cnn_tiny", "steps": 3, "batch_size": 8, "eval_batch_size": 64, "cpu": True,
+                       "progress": False, "log_every": 1, "eval_every": 0, "sample_every": 0, "ckpt_every": 0},
+            "methods": {"supervised": None}, **extra}
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_three_seeds_give_three_runs_and_their_mean_and_sample_std(tiny_task, tiny_teacher, tmp_path):
+    from suite import run_suite
+
+    path = tiny_suite(tmp_path, tiny_task, tiny_teacher, seeds=[0, 1, 2])
+    runs, tables = tmp_path / "runs", tmp_path / "tables"
+    run_suite(str(path), out_dir=runs, results_dir=tables)
+    assert sorted(p.name for p in runs.iterdir()) == ["tiny-supervised-s0", "tiny-supervised-s1",
+                                                       "tiny-supervised-s2", "tiny-teacher"]
+    top1 = []
+    for seed in (0, 1, 2):
+        assert yaml.safe_load((runs / f"tiny-supervised-s{seed}" / "config.yaml").read_text())["seed"] == seed
+        top1.append(json.loads((runs / f"tiny-supervised-s{seed}" / "results.json").read_text())["student_top1"])
+    assert len(set(top1)) > 1  # the seeds differ, so the std below is not trivially 0
+    mean = (top1[0] + top1[1] + top1[2]) / 3
+    std = (((top1[0] - mean) ** 2 + (top1[1] - mean) ** 2 + (top1[2] - mean) ** 2) / 2) ** 0.5  # n-1
+    md = (tables / "tiny.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| supervised |"))
+    assert row.startswith(f"| supervised | 0,1,2 | {100 * mean:.2f} ± {100 * std:.2f} |")
+    assert "sample standard deviation (n-1)" in md
+    with open(tables / "tiny.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [(r["method"], r["seed"]) for r in lines] == [("supervised", "0"), ("supervised", "1"),
+                                                         ("supervised", "2")]
+    assert [float(r["student_top1"]) for r in lines] == top1
+
+    # --collect rebuilds the same tables from the run folders (less the whole-run line)
+    from suite import main
+    assert main([str(path), "--collect", "--out", str(runs), "--results", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "tiny.csv").read_text() == (tables / "tiny.csv").read_text()
+    assert (tmp_path / "again" / "tiny.md").read_text() == md[:md.index("\n\nWhole suite")] + "\n"
+
+    # --seeds 2 overrides the file's three seeds
+    assert main([str(path), "--collect", "--seeds", "2", "--out", str(runs), "--results", str(tmp_path / "two")]) == 0
+    with open(tmp_path / "two" / "tiny.csv", newline="") as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1"]
+    mean2 = (top1[0] + top1[1]) / 2
+    std2 = (((top1[0] - mean2) ** 2 + (top1[1] - mean2) ** 2) / 1) ** 0.5
+    assert f"| supervised | 0,1 | {100 * mean2:.2f} ± {100 * std2:.2f} |" in (tmp_path / "two" / "tiny.md").read_text()
+
+
+def test_seed_options_name_the_run_folders():
+    from suite import SuiteError, load_spec, plan
+
+    name, spec = load_spec("cpu-16px-ood1k")  # seed-less, with hand-made -s1 rows: folder names as before
+    assert [r.folder for r in plan(name, spec)] == ["cpu-16px-ood1k-mosaic", "cpu-16px-ood1k-kd_ood",
+                                                    "cpu-16px-ood1k-mosaic-s1", "cpu-16px-ood1k-kd_ood-s1"]
+    assert [r.seed for r in plan(name, spec)] == [None] * 4
+    for path in sorted((EXP / "suites").glob("*.yaml")):  # every committed suite keeps <suite>-<label>
+        name, spec = load_spec(str(path))
+        assert [r.folder for r in plan(name, spec)] == [f"{name}-{label}" for label in labels_of(spec)]
+
+    spec = {"seeds": [0, 1, 2], "methods": {"mosaic": None, "kd": {"method": "kd_ood", "seeds": [7]}}}
+    assert [(r.folder, r.overrides.get("seed")) for r in plan("x", spec)] == [
+        ("x-mosaic-s0", 0), ("x-mosaic-s1", 1), ("x-mosaic-s2", 2), ("x-kd-s7", 7)]  # a row overrides the file
+    assert [r.folder for r in plan("x", spec, seeds=2)] == ["x-mosaic-s0", "x-mosaic-s1", "x-kd-s0", "x-kd-s1"]
+    with pytest.raises(SuiteError, match="clashes"):
+        plan("x", {"seeds": [0, 1], "methods": {"kd": {"seed": 1}}})
+    with pytest.raises(SuiteError, match="distinct integers"):
+        plan("x", {"seeds": [0, 0], "methods": {"kd": None}})
+
+
+def test_seed_band_is_mean_min_max_at_shared_steps():
+    from plot import band
+
+    x, mean, lo, hi = band([[(0.5, 0.40), (1.0, 0.60)], [(0.5, 0.50), (1.0, 0.80)], [(0.5, 0.30), (1.0, 0.70)]])
+    assert x == [0.5, 1.0] and lo == [0.30, 0.60] and hi == [0.50, 0.80]
+    assert mean == pytest.approx([0.40, 0.70])
+    assert band([[(0.5, 0.4), (1.0, 0.6)], [(1.0, 0.8)]])[:2] == ([1.0], [pytest.approx(0.7)])

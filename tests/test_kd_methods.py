@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from conftest import base_overrides
 from mosaic.config import ConfigError, resolve
+from mosaic.losses import kd_loss
 from mosaic.methods import Context, get_method, method_defaults
 from mosaic.models import create_model, freeze, save_model
 
@@ -112,11 +114,33 @@ def test_ood_stream_is_label_free():
     m.step({"ood": x}, 0)
 
 
+def test_kd_ood_is_kd_on_the_ood_stream_at_temperature_one():
+    """kd_ood = kd with stream=ood, T=1 (alpha plays no part without labels), `ood_batches` updates per step."""
+    assert get_method("kd_ood").stream_needs({"temperature": 1.0, "ood_batches": 3}) == {"ood": 3}
+    assert get_method("kd").stream_needs({"stream": "ood", "batches": 3}) == {"ood": 3}
+    a = make("kd_ood", ood_batches=2)
+    b = make("kd", stream="ood", temperature=1.0, alpha=0.3, batches=2)
+    assert torch.equal(params(a.student), params(b.student))
+    x = torch.rand(2 * B, 3, SIZE, SIZE)
+    out_a, out_b = a.step({"ood": x}, 0), b.step({"ood": x}, 0)
+    assert torch.equal(out_a["loss_s"], out_b["loss"])
+    assert torch.equal(params(a.student), params(b.student))
+    # two updates: the second batch's loss is the KD loss of the once-updated student
+    c = make("kd", stream="ood", temperature=1.0, batches=1)
+    c.step({"ood": x[:B]}, 0)
+    want = kd_loss(c.student(c.ctx.normalize(x[B:])), c.teacher(c.ctx.normalize(x[B:])), temperature=1.0)
+    assert out_a["loss_s"].item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="kd_ood.ood_batches must be >= 1"):
+        make("kd_ood", ood_batches=0)
+    with pytest.raises(ConfigError, match="kd.batches must be a positive integer"):
+        make("kd", batches=0)
+
+
 # ----------------------------------------------------------------------------- feature taps and adapters
 
 
 def test_layer_pairs_follow_resolutions():
-    from baselines.features import auto_pairs
+    from baselines.classic.features import auto_pairs
     tiny, small = create_model("cnn_tiny", num_classes=C), create_model("cnn_small", num_classes=C)
     assert auto_pairs(tiny, tiny, pick="all") == [(0, 0), (1, 1), (2, 2)]
     assert auto_pairs(tiny, small, pick="all") == [(0, 0), (1, 1), (2, 2)]  # small's stride-8 stage has no partner
@@ -149,12 +173,25 @@ def test_fitnets_regressor_is_a_player_and_gets_gradients():
 
 
 def test_adapter_maps_channels_between_different_nets():
-    from baselines.features import probe_shapes
+    from baselines.classic.features import probe_shapes
     m = make("fitnets", teacher=freeze(create_model("cnn_small", num_classes=C)))
     assert tuple(m.regressor.adapters[0].weight.shape) == (64, 32, 1, 1)  # student 32 ch -> teacher 64 ch
     assert probe_shapes(m.teacher, [1], m.ctx) == {1: (64, 8, 8)}
     m.step(labelled_batch(), 0)
     assert m.regressor.adapters[0].weight.grad.abs().sum() > 0
+
+
+def test_adapters_map_channels_and_reject_spatial_mismatch():
+    from baselines.classic.features import make_adapter
+    conv = make_adapter("fitnets", "layer1", (32, 8, 8), "layer1", (64, 8, 8))
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
+    assert conv(torch.zeros(2, 32, 8, 8)).shape == (2, 64, 8, 8)
+    lin = make_adapter("fitnets", "fc", (10,), "fc", (20,))
+    assert isinstance(lin, nn.Linear) and lin.out_features == 20
+    with pytest.raises(ConfigError, match=r"'layer1'.*\(32, 8, 8\).*'layer2'.*\(64, 4, 4\)"):
+        make_adapter("fitnets", "layer1", (32, 8, 8), "layer2", (64, 4, 4))
+    with pytest.raises(ConfigError, match=r"\(32, 8, 8\).*\(64,\)"):
+        make_adapter("fitnets", "layer1", (32, 8, 8), "fc", (64,))
 
 
 def test_layer_shape_mismatch_names_both_shapes():
@@ -172,7 +209,7 @@ def test_layer_shape_mismatch_names_both_shapes():
 
 
 def test_feature_methods_match_their_losses_on_one_step():
-    from baselines.losses import attention_transfer, nst_loss, rkd_angle, rkd_distance
+    from mosaic.losses import attention_transfer, nst_loss, rkd_angle, rkd_distance
     batch = labelled_batch(3)
     for name in ("at", "nst", "rkd"):
         m = make(name)
@@ -311,7 +348,7 @@ def test_born_again_generations(tiny_task):
 def test_born_again_resume_matches_uninterrupted_run(tiny_task, kd_teachers, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from baselines.born_again import BornAgain
+    from baselines.classic.born_again import BornAgain
     from mosaic.cli import _resolve
     from mosaic.engine import train
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
 from torch import nn
 
+from conftest import write_images
+from mosaic.data import load_image_set
 from mosaic.models import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -151,6 +154,18 @@ def test_timm_api_shapes_and_feature_info(name):
     assert model.default_cfg is cfg
     assert cfg["input_size"] == (3, 32, 32) and cfg["num_classes"] == 10
     assert tuple(cfg["mean"]) == CIFAR10_MEAN and tuple(cfg["std"]) == CIFAR10_STD
+
+
+def test_cifar_configs_carry_the_statistics_data_normalises_cifar10_with(tmp_path):
+    """Teachers trained here see CIFAR-10 normalised with data.py's statistics; the nets' configs must say the same."""
+    write_images(tmp_path / "cifar10-jpeg" / "test" / "cat", 2, size=32, rng=np.random.default_rng(0))
+    cifar = load_image_set("cifar10", split="test", root=str(tmp_path), cache=False)
+    assert cifar.name.startswith("cifar10 (offline")  # the named set, not a folder with computed statistics
+    assert cifar.std == (0.2023, 0.1994, 0.2010)  # the reference code's std, not the per-pixel 0.247/0.243/0.261
+    assert (CIFAR10_MEAN, CIFAR10_STD) == (cifar.mean, cifar.std)
+    for name in NAMES:
+        cfg = _shared(name).pretrained_cfg
+        assert (tuple(cfg["mean"]), tuple(cfg["std"])) == (cifar.mean, cifar.std), name
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -2,7 +2,7 @@
 
 One step: the source's features at the critical layers of a batch of normal images (`data.train`, kept to the
 normal class by `data.train_classes`), the cloner's (through the adapters), and Adam on the batch mean of the
-MKD loss (mosaic/anomaly/losses.py). The cloner and its adapters are one player, so checkpoints, resume and the
+MKD loss (mosaic/losses/feature.py). The cloner and its adapters are one player, so checkpoints, resume and the
 divergence guard cover both. With `data.test` set the run reports ROC-AUC (normal classes against the rest),
 and the run folder ends with what `mosaic anomaly score` reads (mosaic/anomaly/mkd.py: the cloner's
 model.safetensors, adapters.safetensors, mkd.json).
@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from mosaic.config import ConfigError
 from mosaic.data import ImageSet, class_index
+from mosaic.losses import mkd_loss
 from mosaic.methods import Context, Method, register_method
 
-from .losses import mkd_loss
 from .mkd import MKD, pair_with_layers, save_pair_record, score_images
 from .roc import roc_auc
 

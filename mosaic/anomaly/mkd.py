@@ -27,10 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from mosaic.augment import normalize, to_float
+from mosaic.losses import mkd_loss
 from mosaic.models import (CheckpointError, FeatureTaps, ModelError, create_model, feature_info_of, freeze,
                            load_model, resolve_layer, save_model)
-
-from .losses import mkd_loss
 
 __all__ = ["MKD", "build_mkd", "default_layers", "load_mkd", "pair_with_layers", "save_mkd", "save_pair_record",
            "score_images", "source_targets", "OPTIONS_NAME"]

@@ -6,7 +6,7 @@ import os
 import platform
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -17,9 +17,10 @@ from mosaic.engine.folder import (check_run_dir, checkpoints, load_latest_checkp
                                   save_checkpoint, save_grid)
 from mosaic.engine.metrics import MetricLog
 from mosaic.engine.players import prepare_players
-from mosaic.engine.task import build_student, make_streams, memory_format, setup_task
+from mosaic.engine.schedule import step_schedules
+from mosaic.engine.task import Task, draw_batch, make_context, make_streams, setup_task
 from mosaic.guard import DivergenceError, Guard, scale_learning_rates
-from mosaic.methods import Context, get_method
+from mosaic.methods import get_method
 from mosaic.models import save_model
 from mosaic.ood_select import select_ood
 
@@ -109,40 +110,26 @@ def train(cfg: dict) -> dict[str, Any]:
 
     task = setup_task(cfg, needs, accelerator, requires_teacher=method_cls.requires_teacher,
                       same_classes=method_cls.same_classes)
+    cfg = {**cfg, "steps": task.steps}
     steps, batch_size, sets = task.steps, task.batch_size, task.sets
-    cfg = {**cfg, "steps": steps}
-    teacher = task.teacher.to(device, memory_format=memory_format(cfg)) if task.teacher is not None else None
-    ctx = Context(cfg=cfg, opts=cfg.get(cfg["method"], {}), teacher=teacher,
-                  student=build_student(cfg, task.num_classes, device), num_classes=task.num_classes,
-                  image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"],
-                  mean=torch.tensor(task.mean, device=device), std=torch.tensor(task.std, device=device),
-                  device=device, accelerator=accelerator, steps=steps, batch_size=batch_size)
+    ctx = make_context(cfg, task, accelerator)
     method = method_cls(ctx)
     evaluator = run_evaluator(method, sets.get("test"), ctx, batch_size=cfg["eval_batch_size"])
     folder = prepare_run_dir(cfg, accelerator)
     if main:
         config_lib.dump(cfg, folder / "config.yaml")
 
-    g = cfg["guard"]
-    guard = Guard(mode=g["on_nonfinite"], every=g["every"], max_skips=g["max_skips"], device=device)
+    guard = Guard.from_config(cfg["guard"], device=device)
     schedulers, players = prepare_players(method, cfg, accelerator, guard=guard)
     d = cfg["data"]
-    if "ood" in sets and d["ood_select"] and teacher is not None:
+    if "ood" in sets and d["ood_select"] and ctx.teacher is not None:
         sets["ood"] = select_ood(sets["ood"], ctx, keep=d["ood_select"], teacher_file=cfg["teacher"]["checkpoint"],
                                  batch_size=cfg["eval_batch_size"])
     streams = make_streams(cfg, sets, needs, accelerator)
     progress = Progress()
     for obj in (progress, *schedulers, *streams.values(), method):
         accelerator.register_for_checkpointing(obj)
-
-    resume_step = None
-    if cfg["resume"]:
-        if load_latest_checkpoint(accelerator, folder) is not None:
-            resume_step = progress.step
-            if main:
-                print(f"resumed {folder} from step {resume_step}")
-        elif main:
-            print(f"resume=true but {folder} has no usable checkpoint: starting from step 0")
+    resume_step = resume(accelerator, folder, progress) if cfg["resume"] else None
     log = MetricLog(folder, enabled=main, resume_step=resume_step)
     if guard.mode == "restore" and not checkpoints(folder):
         save_checkpoint(accelerator, folder, progress.step, cfg["keep_ckpts"])  # something to go back to
@@ -156,16 +143,10 @@ def train(cfg: dict) -> dict[str, Any]:
                dynamic_ncols=True)
     with StopFlag() as stop:
         while progress.step < steps:
-            batch: dict[str, Tensor] = {}
-            for key, n in needs.items():
-                x, y = streams[key].next(n * batch_size)
-                batch[key] = x
-                if y is not None:
-                    batch[f"{key}_labels"] = y
+            batch = draw_batch(streams, needs, batch_size)
             with accelerator.autocast():
                 losses = method.step(batch, progress.step)
-            for sched in schedulers:
-                sched.step()
+            step_schedules(schedulers)
             progress.step += 1
             step = progress.step
             guard.observe(losses, step)
@@ -199,27 +180,48 @@ def train(cfg: dict) -> dict[str, Any]:
                 log.close()
                 raise SystemExit(f"stopped by signal at step {step}; checkpoint saved, resume with resume=true")
     bar.close()
+    results = finish(cfg, task, method, accelerator, folder, log, evaluator, wall=time.time() - t_start)
+    if guard.enabled:
+        results["guard"] = {"restores": progress.restores, "lr_scale": progress.lr_scale,
+                            "skipped_updates": len(guard.skipped), "first_skips": guard.skipped[:10]}
+    if main:
+        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
 
-    # End of run: final evaluation, checkpoint, model, samples and results.
-    wall = time.time() - t_start
+
+def resume(accelerator, folder, progress: Progress) -> int | None:
+    """Load the run's last usable checkpoint; the step it resumes from, or None (start from step 0)."""
+    if load_latest_checkpoint(accelerator, folder) is None:
+        if accelerator.is_main_process:
+            print(f"resume=true but {folder} has no usable checkpoint: starting from step 0")
+        return None
+    if accelerator.is_main_process:
+        print(f"resumed {folder} from step {progress.step}")
+    return progress.step
+
+
+def finish(cfg: dict, task: Task, method, accelerator, folder, log: MetricLog,
+           evaluator: Callable[[], dict] | None, *, wall: float) -> dict[str, Any]:
+    """End of run: final evaluation and checkpoint, the student's model files and sample grid; results.json's content."""
+    steps, s, d = cfg["steps"], cfg["student"], cfg["data"]
+    last_eval = {}
     if evaluator is not None:
         last_eval = evaluator()
         log.write(steps, {f"eval/{k}": v for k, v in last_eval.items()})
     if not checkpoints(folder) or checkpoints(folder)[-1].name != f"step_{steps:08d}":
         save_checkpoint(accelerator, folder, steps, cfg["keep_ckpts"])
-    s = cfg["student"]
     results = {
         "method": cfg["method"], "student": s["arch"], "teacher": task.teacher_meta.get("arch"),
-        "steps": steps, "wall_s": round(wall, 2), "device": device_name(device),
-        "processes": accelerator.num_processes, "global_batch": batch_size * accelerator.num_processes,
-        "images": {key: len(s) for key, s in sets.items()},
+        "steps": steps, "wall_s": round(wall, 2), "device": device_name(accelerator.device),
+        "processes": accelerator.num_processes, "global_batch": task.batch_size * accelerator.num_processes,
+        "images": {key: len(images) for key, images in task.sets.items()},
         **last_eval, "final_losses": log.last_losses(), **method.results(),
     }
-    if guard.enabled:
-        results["guard"] = {"restores": progress.restores, "lr_scale": progress.lr_scale,
-                            "skipped_updates": len(guard.skipped), "first_skips": guard.skipped[:10]}
-    if main:
-        labelled = sets.get("train") or sets.get("test")
+    if accelerator.is_main_process:
+        labelled = task.sets.get("train") or task.sets.get("test")
         meta = {"arch": s["arch"], "num_classes": task.num_classes, "in_chans": d["channels"],
                 "image_size": d["image_size"], "mean": list(task.mean), "std": list(task.std),
                 "classes": labelled.classes if labelled is not None else None,
@@ -227,10 +229,6 @@ def train(cfg: dict) -> dict[str, Any]:
         save_model(accelerator.unwrap_model(method.eval_model()), folder / "model.safetensors", meta=meta)
         save_grid(method.sample_images(64), folder / "samples" / "final.png")
         method.save(folder)
-        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    log.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return results
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -31,3 +32,15 @@ def run_schedule(cfg: dict) -> Callable[[int, int], float]:
 def make_scheduler(method, player: str, optimizer: torch.optim.Optimizer, cfg: dict) -> torch.optim.lr_scheduler.LambdaLR:
     """The LR scheduler of one player's optimizer: the method's `lr_lambda` of the run's schedule."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, method.lr_lambda(player, run_schedule(cfg)))
+
+
+def step_schedules(schedulers: list[torch.optim.lr_scheduler.LRScheduler]) -> None:
+    """Advance every schedule by one run step.
+
+    The schedules follow run steps, not optimizer steps: a method whose optimizer skips a step (DeepInversion
+    while it synthesises its pool) is scheduled all the same, so torch's warning about it is silenced here only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        for sched in schedulers:
+            sched.step()

@@ -10,6 +10,7 @@ from torch import nn
 from mosaic.augment import Augment
 from mosaic.data import ImageSet, load_split
 from mosaic.engine.folder import RunError
+from mosaic.methods import Context
 from mosaic.models import create_model, freeze, load_classifier, load_state
 from mosaic.stream import Stream
 
@@ -139,3 +140,25 @@ def make_streams(cfg: dict, sets: dict[str, ImageSet], needs: dict[str, int], ac
                         seed=cfg["seed"], rank=accelerator.process_index, world_size=accelerator.num_processes,
                         augment=augment)
             for key in needs}
+
+
+def make_context(cfg: dict, task: Task, accelerator) -> Context:
+    """The Context a method is built from: the teacher and a fresh student on the device, the task's shape."""
+    device = accelerator.device
+    teacher = task.teacher.to(device, memory_format=memory_format(cfg)) if task.teacher is not None else None
+    return Context(cfg=cfg, opts=cfg.get(cfg["method"], {}), teacher=teacher,
+                   student=build_student(cfg, task.num_classes, device), num_classes=task.num_classes,
+                   image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"],
+                   mean=torch.tensor(task.mean, device=device), std=torch.tensor(task.std, device=device),
+                   device=device, accelerator=accelerator, steps=task.steps, batch_size=task.batch_size)
+
+
+def draw_batch(streams: dict[str, Stream], needs: dict[str, int], batch_size: int) -> dict[str, torch.Tensor]:
+    """One step's images from each stream (`needs[key]` batches), with `<key>_labels` for labelled streams."""
+    batch: dict[str, torch.Tensor] = {}
+    for key, n in needs.items():
+        x, y = streams[key].next(n * batch_size)
+        batch[key] = x
+        if y is not None:
+            batch[f"{key}_labels"] = y
+    return batch

@@ -1,38 +1,49 @@
-"""Methods and their registry.
+"""Methods and their registry: the one place that explains how to add a method.
 
-A method owns its players and its training step; the engine (mosaic.engine) owns
-everything else. The contract a new method implements:
+A method owns its players and its training step; the engine (mosaic.engine) owns everything
+else: devices, precision, LR schedules, evaluation, checkpoints, logging, the run folder.
+A complete method (tests/test_engine.py runs this example as written):
 
-    @register_method("mymethod")
-    class MyMethod(Method):
-        defaults = {"lr": 1e-3}        # options, set as `mymethod.lr=...` in the config
-        needs = {"ood": 1}             # images per step from each stream, in units of batch_size:
-                                       #   "train" (labelled in-domain) -> batch["train"], batch["train_labels"]
-                                       #   "ood" (unlabelled pool)      -> batch["ood"]
-        players = ("student",)         # attributes the engine prepares (devices, DDP, precision,
-                                       #   checkpoints); each may have an optimizer attribute
-                                       #   "<player>_opt"; the engine gives every optimizer the
-                                       #   run's LR schedule
-        def __init__(self, ctx: Context): ...   # build players and optimizers from ctx
-        def step(self, batch, step):          # one training step; returns {"loss_name": tensor}
-            ...
+    import torch
+    from mosaic.losses import kd_loss
+    from mosaic.methods import Context, Method, register_method
 
-Images in `batch` are float in [0, 1], already augmented on the device; the method
-normalises them with `ctx.normalize` before a classifier sees them. A step must not
-call `.item()`: the engine turns losses into numbers only when it logs. Extra state
-that must survive a resume (a synthetic image pool, say) goes in `state_dict` /
-`load_state_dict`. Methods in other packages register through the
-`mosaic_kd.methods` entry point group (see pyproject.toml).
+    @register_method("my_kd")
+    class MyKD(Method):
+        '''Hinton KD on the OOD pool: `mosaic distill method=my_kd my_kd.temperature=2 ...`.'''
+        defaults = {"temperature": 4.0}   # options, set as `my_kd.temperature=...`
+        needs = {"ood": 1}                # batches per step from each stream: "train" (labelled
+                                          #   in-domain: batch["train"], batch["train_labels"]) or "ood"
+        players = ("student",)            # networks the engine prepares (devices, DDP, precision,
+                                          #   checkpoints); "<player>_opt" gets the run's LR schedule
 
-Optional hooks, for methods whose student is not a classifier of the data's classes
-(MKD anomaly detection, mosaic/anomaly/method.py):
+        def __init__(self, ctx: Context) -> None:
+            super().__init__(ctx)             # self.teacher (frozen), self.student, self.opts, self.ctx
+            self.student_opt = self.student_optimizer()  # SGD from `student.*`
 
-        same_classes = False           # the teacher's classes need not be the data's (its features are used)
-        def evaluator(self, test):     # built once from data.test (an ImageSet); returns a function giving
-            ...                        #   the metrics to log as eval/<name>; None (default): the engine's
-                                       #   top-1 / agreement of eval_model()
-        def save(self, folder):        # extra files for the run folder, written at the end (main process)
-            ...
+        def step(self, batch: dict, step: int) -> dict:
+            x = self.ctx.normalize(batch["ood"])  # [0, 1] images, augmented on the device
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+            loss = kd_loss(self.student(x), t_logits, temperature=self.opts["temperature"])
+            self.update(loss, self.student_opt)   # zero_grad, backward (Accelerate), step
+            return {"loss": loss.detach()}        # tensors: the engine syncs only when it logs
+
+A step must not call `.item()`. Optional hooks (defaults in `Method`): `requires_teacher`
+(False to train without one), `stream_needs(opts)` (needs that depend on options),
+`eval_model()` (the network evaluated and saved), `sample_images(n)` (sample grids),
+`results()` (extra results.json entries), `state_dict` / `load_state_dict` (state beyond
+players and optimizers that a resume needs, such as a synthetic image pool), and
+`lr_lambda(player, schedule)` (a player's own LR schedule). For a student that is no
+classifier of the data's classes (MKD anomaly detection, mosaic/anomaly/method.py):
+`same_classes` (False: the teacher's classes need not be the data's, its features are
+used), `evaluator(test)` (built once from data.test, an ImageSet; returns a function giving
+the metrics logged as eval/<name>; None, the default, means the engine's top-1 / agreement
+of `eval_model()`) and `save(folder)` (extra files for the run folder, written at the end
+by the main process). The Context also predicts
+(`ctx.predict`), loads the test set (`ctx.test_set()`) and loads classifiers
+(`ctx.load_classifier`). Methods in other packages register through the
+`mosaic_kd.methods` entry point group (see pyproject.toml; `baselines` is one).
 """
 from __future__ import annotations
 

@@ -23,7 +23,6 @@ seed on CPU fp32 the losses match with them on or off (tests/test_speed_switches
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator, Sequence
 
 import kornia.augmentation as K
@@ -34,7 +33,6 @@ from torch import Tensor, nn
 from mosaic.config import ConfigError
 from mosaic.losses import balance_loss, entropy, kd_loss, patch_gan_loss
 from mosaic.methods import Context, Method, frozen_bn_stats, no_param_grad, register_method
-from mosaic.methods.supervised import sgd
 from mosaic.players import Generator, PatchDiscriminator
 from mosaic.players.patches import random_patches
 
@@ -98,7 +96,7 @@ class MosaicKD(Method):
                                               momentum=sc["momentum"], weight_decay=sc["weight_decay"],
                                               nesterov=sc["nesterov"])
         else:
-            self.student_opt = sgd(self.student.parameters(), ctx.cfg["student"])
+            self.student_opt = self.student_optimizer()
         self.crop = K.RandomCrop((o["patch_size"], o["patch_size"]))
         self.synthetic_batch = o["synthetic_batch"] or ctx.batch_size
         self._compiled: dict[int, tuple[nn.Module, Callable]] = {}
@@ -148,7 +146,7 @@ class MosaicKD(Method):
         return {
             "g_local": self.local_loss(disc(self.crops(fake)), real=True),
             "g_align": entropy(t_logits),
-            "g_balance": balance_loss(t_logits) / math.log(2.0),
+            "g_balance": balance_loss(t_logits, base=2.0),
             "g_adv": -kd_loss(s_logits, t_logits),
         }
 
@@ -162,26 +160,20 @@ class MosaicKD(Method):
         d_real = D(self.crops(ood[0]))
         d_fake = D(self.crops(fake.detach()))
         loss_d = o["lambda_local"] * 0.5 * (self.local_loss(d_real, real=True) + self.local_loss(d_fake, real=False))
-        self.discriminator_opt.zero_grad(set_to_none=True)
-        self.backward(loss_d)
-        self.discriminator_opt.step()
+        self.update(loss_d, self.discriminator_opt)
 
         # 2. Generation: mosaic OOD patches into images the teacher finds in-domain and the student gets wrong.
         with no_param_grad(self.discriminator, self.student):
             g = self.generator_losses(fake)
             loss_g = (o["lambda_local"] * g["g_local"] + o["lambda_align"] * g["g_align"]
                       + o["lambda_balance"] * g["g_balance"] + o["lambda_adv"] * g["g_adv"])
-        self.generator_opt.zero_grad(set_to_none=True)
-        self.backward(loss_g)
-        self.generator_opt.step()
+        self.update(loss_g, self.generator_opt)
 
         # 3. Distillation on fresh generated images plus OOD images.
         for x, t_logits in self._distillation_batches(ood[1:]):
             with self._bn_kept(self.student):
                 loss_s = kd_loss(S(x), t_logits, temperature=o["temperature"])
-            self.student_opt.zero_grad(set_to_none=True)
-            self.backward(loss_s)
-            self.student_opt.step()
+            self.update(loss_s, self.student_opt)
             if o["student_bn"] == "ood":  # running statistics from the OOD half alone
                 self._track_bn(x[len(x) - B:])
 

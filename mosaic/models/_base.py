@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from timm.models import build_model_with_cfg, register_model
 
+from mosaic.norms import CIFAR10_MEAN, CIFAR10_STD
+
 from .errors import ModelError
 
 __all__ = [
@@ -21,9 +23,6 @@ __all__ = [
     "register_cifar",
 ]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
 # names registered through `register_cifar`, in registration order
 CIFAR_MODELS: List[str] = []
 
@@ -31,7 +30,7 @@ FnT = TypeVar("FnT", bound=Callable[..., nn.Module])
 
 
 def cifar_cfg(*, first_conv: str, classifier: str = "fc", **overrides: Any) -> Dict[str, Any]:
-    """Weightless timm pretrained_cfg for a CIFAR net: 3x32x32 input, CIFAR-10 mean/std, 10 classes."""
+    """Weightless timm pretrained_cfg for a CIFAR net: 3x32x32 input, 10 classes, data.py's CIFAR-10 mean/std."""
     cfg: Dict[str, Any] = dict(
         url="",
         num_classes=10,

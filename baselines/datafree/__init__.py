@@ -1,0 +1,1 @@
+"""Data-free baselines: each synthesises the images it distils on (generator or pixel optimisation)."""

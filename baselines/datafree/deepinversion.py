@@ -1,0 +1,203 @@
+"""DeepInversion (Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020).
+
+Images are optimised directly (Adam on the pixels) so that the frozen teacher's BatchNorm
+layers see the statistics they stored during training, the teacher predicts the target
+labels, and image priors keep them smooth:
+
+    L = ce * CE(T(x~), y) + bn * (m * R_1 + sum_{l>1} R_l)      # R_l = ||mu_l - mu_l^T||_2 + ||var_l - var_l^T||_2
+      + tv_l2 * TV_l2(x~) + tv_l1 * TV_l1(x~) + l2 * mean_i ||x~_i||_2
+      + competition * (1 - JS(T(x~)/tau || S(x~)/tau))          # Adaptive DeepInversion (ADI), off by default
+
+x~ is the pixel variable after a random roll of up to `jitter` pixels and a random
+horizontal flip; y are class-balanced targets; pixels are kept in the valid image range.
+
+Synthesis / KD split of a run: the first ceil(pool_size / synth_batch) engine steps each
+synthesise one batch (`di_iters` Adam steps) into the pool; every remaining step is one KD
+step of the student on an augmented batch drawn from the pool, so `steps` must exceed the
+synthesis steps. The pool (uint8, per process) is part of the method's state_dict: a resume
+keeps the images made so far and synthesises only the missing batches. The run's LR schedule
+spans all steps, so its first synthesis-steps slice passes before KD starts (200 of 80,200
+steps, 0.25%, in experiments/configs/deepinversion_cifar10.yaml).
+
+ADI's competition term uses the current student, which during synthesis is the initial
+one; give a trained student (student.checkpoint) when setting `competition` > 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from baselines.datafree.common import BNStatHooks, check_positive, make_student_opt, require
+from mosaic.augment import Augment, to_float
+from mosaic.losses import (competition_loss, cross_entropy, image_l2, kd_loss, total_variation_l1,
+                           total_variation_l2)
+from mosaic.methods import Context, Method, no_param_grad, register_method
+from mosaic.models import unwrap_model
+from mosaic.stream import Stream
+
+
+@register_method("deepinversion")
+class DeepInversion(Method):
+    """Data-free: a pool of images inverted from the teacher's BN statistics, then KD on the pool."""
+    defaults = {
+        "pool_size": 51200,           # images synthesised before KD (CMI's DeepInv benchmark: 200 batches of 256)
+        "synth_batch": None,          # images optimised together (null: batch_size; official CIFAR code: 256)
+        "di_iters": 2000,             # Adam steps per synthesised batch (official CIFAR code: iters_mi 2000)
+        "lr": 0.05,                   # Adam lr on the pixels (official CIFAR README, paper parameters: di_lr 0.05)
+        "betas": [0.9, 0.999],        # Adam betas on the pixels (official CIFAR code: torch defaults)
+        "jitter": None,               # max random roll in pixels; null: the ImageNet code's 30 px at 224 scaled
+                                      #   to the image size (4 at 32 px, 2 at 16 px; the CIFAR code uses 2)
+        "flip": True,                 # random horizontal flip of the batch each iteration (official code)
+        "lambda_ce": 1.0,             # CE to the targets (official: main_loss_multiplier 1)
+        "lambda_bn": 10.0,            # BN-statistics weight (official CIFAR README, paper parameters: r_feature 10)
+        "first_bn_multiplier": 10.0,  # extra weight of the first BN layer (official ImageNet code: 10)
+        "tv_l2": 2.5e-5,              # L2 total variation (official CIFAR code: di_var_scale 2.5e-5)
+        "tv_l1": 0.0,                 # L1 total variation (official ImageNet code default: 0)
+        "l2": 3e-8,                   # image L2-norm prior (paper's CIFAR-10 setting, alpha_l2 = 3e-8)
+        "competition": 0.0,           # ADI competition weight (official default cig_scale 0: plain DeepInversion)
+        "competition_temperature": 3.0,  # softmax temperature of the competition's JS divergence (official: 3)
+        "temperature": 20.0,          # KD temperature on the pool (CMI's DeepInv benchmark: --T 20)
+    }
+    needs = {}                        # data-free: no data stream
+    players = ("student",)
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        o = self.opts
+        check_positive(self.name, o, "pool_size", "di_iters")
+        self.synth_batch = o["synth_batch"] or ctx.batch_size
+        check_positive(self.name, {"synth_batch": self.synth_batch}, "synth_batch")
+        self.synth_steps = math.ceil(o["pool_size"] / self.synth_batch)
+        require(ctx.steps > self.synth_steps,
+                f"deepinversion spends its first {self.synth_steps} steps synthesising the pool "
+                f"(ceil(pool_size {o['pool_size']} / synth_batch {self.synth_batch})) and KD needs at least one "
+                f"more: raise steps above {self.synth_steps} or lower deepinversion.pool_size")
+        jitter = o["jitter"] if o["jitter"] is not None else round(30 * ctx.image_size / 224)
+        require(isinstance(jitter, int) and 0 <= jitter < ctx.image_size,
+                f"deepinversion.jitter must be an integer in [0, {ctx.image_size}), got {jitter!r}")
+        self.jitter = jitter
+        self.student_opt = make_student_opt(self.student.parameters(), o, ctx, self.name)
+        self.bn_hooks = BNStatHooks(ctx.teacher)
+        self.pool = torch.empty((o["pool_size"], ctx.channels, ctx.image_size, ctx.image_size), dtype=torch.uint8,
+                                device=ctx.device)
+        self.filled = 0
+        self.augment = Augment.from_config(ctx.cfg["data"], image_size=ctx.image_size).to(ctx.device)
+        self.stream: Stream | None = None
+        self._stream_state: dict | None = None
+        shape = (1, ctx.channels, 1, 1)
+        self.lo = ((0.0 - ctx.mean) / ctx.std).view(shape)  # the valid pixel range in normalised space
+        self.hi = ((1.0 - ctx.mean) / ctx.std).view(shape)
+
+    # ------------------------------------------------------------------------- synthesis
+
+    def jitter_flip(self, v: Tensor) -> Tensor:
+        """The pixel variable rolled by a random offset of up to `jitter` pixels and flipped with probability 1/2."""
+        if self.jitter > 0:
+            dx, dy = torch.randint(-self.jitter, self.jitter + 1, (2,)).tolist()  # CPU draw: no device sync
+            v = torch.roll(v, shifts=(dx, dy), dims=(2, 3))
+        if self.opts["flip"] and bool(torch.rand(()) < 0.5):
+            v = torch.flip(v, dims=(3,))
+        return v
+
+    def synthesis_losses(self, x: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """The unweighted inversion terms for normalised images x (first BN layer already scaled in 'bn')."""
+        o = self.opts
+        with self.bn_hooks:
+            t_logits = self.teacher(x)
+        terms = {"ce": cross_entropy(t_logits, targets),
+                 "bn": self.bn_hooks.loss(first_multiplier=o["first_bn_multiplier"]),
+                 "tv_l2": total_variation_l2(x), "tv_l1": total_variation_l1(x), "l2": image_l2(x)}
+        if o["competition"] > 0:
+            student = unwrap_model(self.student)
+            with no_param_grad(student):
+                terms["comp"] = competition_loss(student(x), t_logits, temperature=o["competition_temperature"])
+        return terms
+
+    def weighted(self, terms: dict[str, Tensor]) -> Tensor:
+        """The inversion objective: the terms times their weights."""
+        o = self.opts
+        loss = (o["lambda_ce"] * terms["ce"] + o["lambda_bn"] * terms["bn"] + o["tv_l2"] * terms["tv_l2"]
+                + o["tv_l1"] * terms["tv_l1"] + o["l2"] * terms["l2"])
+        if "comp" in terms:
+            loss = loss + o["competition"] * terms["comp"]
+        return loss
+
+    def synthesize(self, n: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """n images in [0, 1] optimised for `di_iters` Adam steps, and the last iteration's terms."""
+        o, dev = self.opts, self.ctx.device
+        targets = (torch.arange(n, device=dev) % self.ctx.num_classes)[torch.randperm(n, device=dev)]
+        v = torch.randn(n, self.ctx.channels, self.ctx.image_size, self.ctx.image_size, device=dev)
+        v = torch.clamp(v, self.lo, self.hi).requires_grad_(True)
+        opt = torch.optim.Adam([v], lr=o["lr"], betas=tuple(o["betas"]))
+        student = unwrap_model(self.student)
+        was_training = student.training
+        student.eval()  # the competition term must not touch the student's BN statistics
+        try:
+            for _ in range(o["di_iters"]):
+                terms = self.synthesis_losses(self.jitter_flip(v), targets)
+                loss = self.weighted(terms)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # pixels are no player: plain fp32 backward, no gradient scaling
+                opt.step()
+                with torch.no_grad():
+                    v.copy_(torch.clamp(v, self.lo, self.hi))
+        finally:
+            student.train(was_training)
+        images = (v.detach() * self.ctx.std.view(self.lo.shape) + self.ctx.mean.view(self.lo.shape)).clamp(0, 1)
+        return images, {"loss": loss.detach(), **{k: t.detach() for k, t in terms.items()}}
+
+    def synthesis_step(self) -> dict[str, Tensor]:
+        """Synthesise the next batch of the pool."""
+        n = min(self.synth_batch, self.opts["pool_size"] - self.filled)
+        images, terms = self.synthesize(n)
+        self.pool[self.filled:self.filled + n] = (images * 255).round().to(torch.uint8)
+        self.filled += n
+        return {f"di_{k}": v for k, v in terms.items()}
+
+    # ------------------------------------------------------------------------- distillation
+
+    def kd_step(self) -> dict[str, Tensor]:
+        """One KD step of the student on an augmented batch from the pool."""
+        if self.stream is None:
+            self.stream = Stream(self.pool, seed=self.ctx.cfg["seed"], augment=self.augment)
+            if self._stream_state is not None:
+                self.stream.load_state_dict(self._stream_state)
+        x, _ = self.stream.next(self.ctx.batch_size)
+        x = self.ctx.normalize(x)
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        loss_s = kd_loss(self.student(x), t_logits, temperature=self.opts["temperature"])
+        self.update(loss_s, self.student_opt)
+        return {"loss_s": loss_s.detach()}
+
+    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        if self.filled < self.opts["pool_size"]:
+            return self.synthesis_step()
+        return self.kd_step()
+
+    # ------------------------------------------------------------------------- run state
+
+    @torch.no_grad()
+    def sample_images(self, n: int) -> Tensor | None:
+        """The first n images of the pool (None before the first batch is made)."""
+        return to_float(self.pool[:min(n, self.filled)]) if self.filled else None
+
+    def results(self) -> dict:
+        return {"di_pool_images": self.filled, "di_synthesis_steps": self.synth_steps,
+                "di_kd_steps": self.ctx.steps - self.synth_steps}
+
+    def state_dict(self) -> dict:
+        """The pool made so far (uint8, CPU) and the KD stream's position."""
+        return {"pool": self.pool[:self.filled].cpu(),
+                "stream": self.stream.state_dict() if self.stream is not None else self._stream_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        pool = state["pool"]
+        require(pool.shape[0] <= self.pool.shape[0] and pool.shape[1:] == self.pool.shape[1:],
+                f"the checkpoint's DeepInversion pool has shape {tuple(pool.shape)}, which does not fit this run's "
+                f"pool {tuple(self.pool.shape)}: resume with the same deepinversion.pool_size and data.image_size")
+        self.pool[:len(pool)] = pool.to(self.pool.device)
+        self.filled = len(pool)
+        self.stream, self._stream_state = None, state.get("stream")

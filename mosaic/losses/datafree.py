@@ -1,0 +1,87 @@
+"""Losses of the data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion) that no other method shares.
+
+Teacher-side priors on synthetic images (DAFL's one-hot and activation terms), DeepInversion's
+competition term, BatchNorm-statistics matching (DFQ, DeepInversion) and image priors
+(DeepInversion). The KD divergences they train students with live in `mosaic.losses.response`,
+the class-balance term in `mosaic.losses.generator`. Every function computes in float32 whatever
+the input dtype, so the terms are stable under autocast.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mosaic.losses.response import js_divergence
+
+
+# ----------------------------------------------------------------------------- teacher-side priors (DAFL, DFQ)
+
+def onehot_loss(logits: Tensor) -> Tensor:
+    """Cross-entropy of the logits to their own argmax: low when every prediction is one-hot (DAFL L_oh)."""
+    logits = logits.float()
+    return F.cross_entropy(logits, logits.detach().argmax(dim=1))
+
+
+def activation_loss(features: Tensor) -> Tensor:
+    """Minus the mean absolute feature value: low when the teacher's features fire strongly (DAFL L_a)."""
+    return -features.float().abs().mean()
+
+
+# ----------------------------------------------------------------------------- teacher-student competition (DeepInversion)
+
+def competition_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 3.0) -> Tensor:
+    """Adaptive DeepInversion's R_compete = 1 - JS(p_T, p_S): low where teacher and student disagree."""
+    return 1.0 - js_divergence(teacher_logits, student_logits, temperature=temperature)
+
+
+# ----------------------------------------------------------------------------- BatchNorm statistics (DFQ, DeepInversion)
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of a (B, C, H, W) batch over batch and space."""
+    flat = x.float().transpose(0, 1).flatten(1)
+    return flat.mean(dim=1), flat.var(dim=1, unbiased=False)
+
+
+def bn_stat_distance(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """||mean - running_mean||_2 + ||var - running_var||_2 for one BatchNorm layer (DeepInversion's R_feature)."""
+    return (torch.linalg.vector_norm(mean.float() - running_mean.float())
+            + torch.linalg.vector_norm(var.float() - running_var.float()))
+
+
+def bn_stat_loss(distances: Sequence[Tensor], *, first_multiplier: float = 1.0) -> Tensor:
+    """Sum of per-layer BN-statistics distances, the first layer's scaled by `first_multiplier`."""
+    if len(distances) == 0:
+        raise ValueError("no BatchNorm statistics were collected: the teacher has no BatchNorm2d layer "
+                         "or did not run inside the hooks")
+    total = distances[0] * first_multiplier
+    for d in distances[1:]:
+        total = total + d
+    return total
+
+
+# ----------------------------------------------------------------------------- image priors (DeepInversion)
+
+def _neighbour_differences(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Differences to the right, below and along both diagonals of every pixel of a (B, C, H, W) batch."""
+    return (x[:, :, :, :-1] - x[:, :, :, 1:],
+            x[:, :, :-1, :] - x[:, :, 1:, :],
+            x[:, :, 1:, :-1] - x[:, :, :-1, 1:],
+            x[:, :, :-1, :-1] - x[:, :, 1:, 1:])
+
+
+def total_variation_l2(x: Tensor) -> Tensor:
+    """Sum over the four neighbour directions of the L2 norm of the differences over the whole batch (DI code)."""
+    return sum(torch.linalg.vector_norm(d.float()) for d in _neighbour_differences(x))
+
+
+def total_variation_l1(x: Tensor) -> Tensor:
+    """Sum over the four neighbour directions of the mean absolute difference."""
+    return sum(d.float().abs().mean() for d in _neighbour_differences(x))
+
+
+def image_l2(x: Tensor) -> Tensor:
+    """Mean over the batch of each image's L2 norm (DeepInversion's R_l2 prior)."""
+    return torch.linalg.vector_norm(x.float().flatten(1), dim=1).mean()

@@ -1,0 +1,62 @@
+"""Data-free losses (mosaic/losses/datafree.py) by hand: DAFL's priors, competition, BN statistics, image priors."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hand import approx
+from mosaic.losses import (activation_loss, batch_stats, bn_stat_distance, bn_stat_loss, competition_loss, image_l2,
+                           onehot_loss, total_variation_l1, total_variation_l2)
+
+
+# ----------------------------------------------------------------------------- teacher-side priors (DAFL, DFQ)
+
+
+def test_onehot_loss():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    row1 = -math.log(math.exp(2) / (math.exp(2) + math.exp(1) + 1))
+    row2 = -math.log(math.exp(3) / (1 + math.exp(3) + math.exp(1)))
+    assert onehot_loss(logits).item() == approx((row1 + row2) / 2)
+
+
+def test_activation_loss():
+    assert activation_loss(torch.tensor([[1.0, -2.0], [3.0, -4.0]])).item() == approx(-2.5)
+
+
+# ----------------------------------------------------------------------------- competition (DeepInversion)
+
+
+def test_competition_loss_is_one_minus_js():
+    a, b = torch.tensor([[math.log(3.0), 0.0]]), torch.tensor([[0.0, 0.0]])
+    p, q, m = (0.75, 0.25), (0.5, 0.5), (0.625, 0.375)
+    js = 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + 0.5 * sum(qi * math.log(qi / mi) for qi, mi in zip(q, m))
+    assert competition_loss(b, a, temperature=1.0).item() == approx(1 - js)
+    assert competition_loss(a, a).item() == approx(1.0)
+
+
+# ----------------------------------------------------------------------------- BatchNorm statistics (DFQ, DeepInversion)
+
+
+def test_batch_stats_and_bn_distance():
+    x = torch.tensor([[[[1.0, 3.0]]], [[[5.0, 7.0]]]])  # (2, 1, 1, 2): mean 4, biased var (9+1+1+9)/4 = 5
+    mean, var = batch_stats(x)
+    assert mean.tolist() == [approx(4.0)] and var.tolist() == [approx(5.0)]
+    assert bn_stat_distance(mean, var, torch.zeros(1), torch.ones(1)).item() == approx(4 + 4)
+    # two channels: L2 norms over the channel vector, ||(3, 4)|| + ||(0, 0)||
+    d = bn_stat_distance(torch.tensor([3.0, 4.0]), torch.ones(2), torch.zeros(2), torch.ones(2))
+    assert d.item() == approx(5.0)
+    assert bn_stat_loss([torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)], first_multiplier=10).item() == approx(15)
+
+
+# ----------------------------------------------------------------------------- image priors (DeepInversion)
+
+
+def test_image_priors():
+    x = torch.tensor([[[[1.0, 2.0], [4.0, 8.0]]]])  # (1, 1, 2, 2)
+    # right: (-1, -4); down: (-3, -6); diagonals: 4 - 2 = 2 and 1 - 8 = -7
+    assert total_variation_l2(x).item() == approx(math.sqrt(17) + math.sqrt(45) + 2 + 7)
+    assert total_variation_l1(x).item() == approx(2.5 + 4.5 + 2 + 7)
+    y = torch.tensor([[[[3.0, 4.0]]], [[[0.0, 0.0]]]])
+    assert image_l2(y).item() == approx((5 + 0) / 2)
+    assert total_variation_l2(torch.full((2, 3, 4, 4), 0.7)).item() == 0
