@@ -24,7 +24,7 @@ from mosaic.augment import Augment, to_float
 from mosaic.data import ImageSet, load_image_set
 from mosaic.guard import DivergenceError, Guard, scale_learning_rates
 from mosaic.methods import Context, get_method
-from mosaic.models import CheckpointError, create_model, freeze, load_model, load_state, save_model
+from mosaic.models import CheckpointError, check_forward, create_model, freeze, load_model, load_state, save_model
 from mosaic.stream import Stream
 
 
@@ -35,10 +35,13 @@ class RunError(RuntimeError):
 # ----------------------------------------------------------------------------- models
 
 def load_classifier(checkpoint: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
-                    in_chans: int = 3, default_classes: int | None = None) -> tuple[nn.Module, dict]:
+                    in_chans: int = 3, default_classes: int | None = None, image_size: int | None = None,
+                    kwargs: dict | None = None) -> tuple[nn.Module, dict]:
     """Load a classifier from our safetensors+JSON pair, a run folder, or any state_dict file given its arch.
 
-    `default_classes` (the data's class count) is used for a bare state_dict when num_classes is not given.
+    `default_classes` (the data's class count) is used for a bare state_dict when num_classes is not given;
+    `image_size` and the timm options `kwargs` (teacher.kwargs) build a bare state_dict's network, and must
+    agree with what the JSON recorded otherwise.
     """
     path = Path(checkpoint)
     if not path.exists():
@@ -50,12 +53,18 @@ def load_classifier(checkpoint: str | os.PathLike, *, arch: str | None = None, n
             raise CheckpointError(f"checkpoint '{path}' holds a {meta['arch']}, but arch={arch} was asked for")
         if num_classes is not None and num_classes != meta["num_classes"]:
             raise CheckpointError(f"checkpoint '{path}' has {meta['num_classes']} classes, but num_classes={num_classes}")
+        recorded = meta.get("model_kwargs") or {}
+        differ = {k: v for k, v in (kwargs or {}).items() if recorded.get(k) != v}
+        if differ:
+            raise CheckpointError(f"checkpoint '{path}' was built with options {recorded}, but teacher.kwargs "
+                                  f"asks for {differ}: drop teacher.kwargs (model.json records the options)")
         return model, meta
     num_classes = num_classes or default_classes
     if arch is None or num_classes is None:
         raise CheckpointError(f"checkpoint '{path}' has no model.json beside it: give its architecture and "
                               f"class count (teacher.arch=..., teacher.num_classes=...)")
-    model = create_model(arch, num_classes=num_classes, in_chans=in_chans)
+    model = create_model(arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                         where="teacher.kwargs", **(kwargs or {}))
     load_state(model, path)
     return model.eval(), {"arch": arch, "num_classes": num_classes, "in_chans": in_chans}
 
@@ -256,7 +265,8 @@ def _teacher(cfg: dict, sets: dict[str, ImageSet], requires: bool) -> tuple[nn.M
     labelled = sets.get("train") or sets.get("test")
     model, meta = load_classifier(t["checkpoint"], arch=t["arch"], num_classes=t["num_classes"],
                                   in_chans=cfg["data"]["channels"],
-                                  default_classes=labelled.num_classes if labelled is not None else None)
+                                  default_classes=labelled.num_classes if labelled is not None else None,
+                                  image_size=cfg["data"]["image_size"], kwargs=t.get("kwargs"))
     return freeze(model), meta
 
 
@@ -432,10 +442,16 @@ def train(cfg: dict) -> dict[str, Any]:
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     if teacher is not None:
         teacher = teacher.to(device, memory_format=memory_format)
-    s = cfg["student"]
-    student = create_model(s["arch"], num_classes=num_classes, in_chans=cfg["data"]["channels"])
+    s, d = cfg["student"], cfg["data"]
+    student = create_model(s["arch"], num_classes=num_classes, in_chans=d["channels"], image_size=d["image_size"],
+                           where="student.kwargs", **s.get("kwargs", {}))
     if s["checkpoint"]:
         load_state(student, s["checkpoint"])
+    # Both networks must take the task's images: one clear error now, not a traceback after the folder exists.
+    task_shape = dict(image_size=d["image_size"], channels=d["channels"], num_classes=num_classes)
+    check_forward(student, role="student", **task_shape)
+    if teacher is not None:
+        check_forward(teacher, role="teacher", **task_shape)
     student = student.to(device, memory_format=memory_format)
     ctx = Context(cfg=cfg, opts=cfg.get(cfg["method"], {}), teacher=teacher, student=student,
                   num_classes=num_classes, image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"],

@@ -231,6 +231,8 @@ def _meta_from_model(model: nn.Module) -> Dict[str, Any]:
     for k in ("mean", "std"):
         if k in cfg:
             meta[k] = [float(v) for v in cfg[k]]
+    if getattr(model, "create_kwargs", None):  # options create_model gave the constructor (img_size, patch_size, ...)
+        meta["model_kwargs"] = dict(model.create_kwargs)
     return meta
 
 
@@ -243,7 +245,8 @@ def save_model(model: nn.Module, path: PathLike, *, meta: Dict[str, Any]) -> Non
 
     `meta` should hold arch, num_classes, in_chans, image_size, mean and std; keys left out are filled from
     the model's pretrained_cfg where possible, and extra keys (classes, top1, ...) are kept as they are.
-    An optional `model_kwargs` dict (e.g. {"drop_rate": 0.3}) is passed back to create_model by load_model.
+    An optional `model_kwargs` dict (e.g. {"drop_rate": 0.3}) is passed back to create_model by load_model;
+    by default it holds the options create_model built the model with (its `create_kwargs`, img_size included).
     """
     path = Path(path)
     if path.is_dir():
