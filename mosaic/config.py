@@ -81,10 +81,14 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint": None,     # model.safetensors (+ .json) from train-teacher, or any state_dict file
         "arch": None,           # architecture; read from the checkpoint's JSON when null
         "num_classes": None,    # class count; from the JSON, else from the test set
+        "kwargs": {},           # timm options for a teacher given as a bare state_dict (a JSON checkpoint
+                                #   records its own), e.g. teacher.kwargs.patch_size=4
     },
     "student": {
-        "arch": "resnet18_cifar",  # any timm model name
+        "arch": "resnet18_cifar",  # any timm model name; ViT/Swin/... are built for data.image_size
         "checkpoint": None,     # optional initial weights
+        "kwargs": {},           # extra options of the timm constructor, recorded in model.json, e.g.
+                                #   student.kwargs.patch_size=4 student.kwargs.drop_path_rate=0.1
         "lr": 0.1,              # SGD learning rate
         "momentum": 0.9,
         "weight_decay": 1e-4,   # (train-teacher uses 5e-4)
@@ -92,6 +96,10 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+# Sections whose keys are free (passed on to timm), so not checked against the defaults.
+OPEN_SECTIONS = ("student.kwargs", "teacher.kwargs")
+# create_model options the engine sets from the task itself, refused in those sections.
+RESERVED_KWARGS = ("num_classes", "in_chans", "pretrained", "image_size", "where")
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # numbers such as 1e-3 or 5E4
 
 # `key=value` shorthands on the command line.
@@ -126,7 +134,7 @@ def merge(base: dict, update: Mapping, *, where: str = "", strict: bool = True) 
         if isinstance(out.get(key), dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{path}' is a section; set its fields, e.g. {path}.{next(iter(out[key]), 'x')}=...")
-            out[key] = merge(out[key], value, where=path + ".", strict=strict)
+            out[key] = merge(out[key], value, where=path + ".", strict=strict and path not in OPEN_SECTIONS)
         else:
             out[key] = value
     return out
@@ -279,6 +287,18 @@ def validate(cfg: Mapping) -> None:
     positive("guard.max_skips", guard["max_skips"], allow_zero=True)
     if not 0.0 < float(guard["lr_factor"]) <= 1.0:
         raise ConfigError(f"'guard.lr_factor' must be in (0, 1], got {guard['lr_factor']!r}")
+    for section in OPEN_SECTIONS:
+        role = section.split(".")[0]
+        options = cfg[role]["kwargs"]
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"'{section}' must be a mapping of timm options, e.g. {section}.drop_path_rate=0.1; "
+                              f"got {options!r}")
+        for key in options:
+            if key == "pretrained":
+                raise ConfigError(f"'{section}.pretrained' is not supported (runs download nothing); "
+                                  f"start from weights with {role}.checkpoint=<file>")
+            if key in RESERVED_KWARGS:
+                raise ConfigError(f"'{section}.{key}' is set by mosaic from the task; remove it")
     if not 0.0 <= float(cfg["warmup"]) < 1.0:
         raise ConfigError(f"'warmup' is a fraction of the steps in [0, 1), got {cfg['warmup']!r}")
 

@@ -603,7 +603,7 @@ def _decode_files(
     if not bool(kept.any()):
         raise DataError(f"no readable images in {where} ({n} files could not be decoded)")
     if len(skipped) > MAX_CORRUPT_WARNINGS:
-        warnings.warn(f"skipped {len(skipped)} unreadable images in {where} in total", stacklevel=3)
+        _warn_line(f"skipped {len(skipped)} unreadable images in {where} in total")
     return (out if bool(kept.all()) else out[kept].contiguous()), kept, skipped
 
 
@@ -611,7 +611,13 @@ def _report_corrupt(name: str, *, on_corrupt: str, count: int) -> None:
     if on_corrupt == "error":
         raise DataError(f"cannot decode image {name}; delete or fix it, or pass on_corrupt='warn' to skip it")
     if count <= MAX_CORRUPT_WARNINGS:
-        warnings.warn(f"skipping unreadable image {name}", stacklevel=4)
+        _warn_line(f"skipping unreadable image {name}")
+
+
+def _warn_line(message: str) -> None:
+    """A UserWarning printed as one line: attributed to this module at line 0, so no source line is echoed."""
+    # warnings.warn would print the calling line of code under the message; filter with module="mosaic.data"
+    warnings.warn_explicit(message, UserWarning, filename=__name__, lineno=0, module=__name__)
 
 
 # ----------------------------------------------------------------------------- torchvision conversion

@@ -15,6 +15,9 @@
 | image size the generator cannot produce        | error says which sizes it can make                  | `generator_size` |
 | zero or negative batch size / steps            | error names the key and the value                   | `zero_batch`, `negative_steps` |
 | image size different from the teacher's        | error gives the fix (data.image_size=...)           | `teacher_image_size` |
+| student that cannot take the task's images     | error names network, image shape and the fix        | `student_image_size` |
+| timm option the student's network does not have | error names the key and close matches              | `student_kwarg` |
+| timm option mosaic sets itself (num_classes)   | error names the key                                 | `reserved_kwarg` |
 | existing run folder                            | refused unless resume=true or overwrite=true; untouched | `test_existing_run_folder_is_left_untouched` |
 | non-finite losses / weights                    | DivergenceError naming player and step (guard)      | `tests/test_reliability.py` |
 """
@@ -71,6 +74,14 @@ def _setup(case: str, tiny_task, tiny_teacher, tmp_path) -> tuple[dict, list[str
                 ["multiple of 4", "18"])
     if case == "teacher_image_size":
         return {**o, "data.image_size": 24}, ["image_size=16", "data.image_size=16"]
+    if case == "student_image_size":  # a ViT forced to 224px inputs on a 16x16 task
+        vit = {"student.arch": "vit_tiny_patch16_224", "student.kwargs.img_size": 224, "student.kwargs.depth": 1}
+        return {**o, **vit}, ["student vit_tiny_patch16_224 cannot take 3x16x16 images", "student.kwargs.img_size"]
+    if case == "student_kwarg":
+        return ({**o, "student.arch": "vit_tiny_patch16_224", "student.kwargs.drop_path": 0.1},
+                ["student.kwargs.drop_path is not an option of vit_tiny_patch16_224", "drop_path_rate"])
+    if case == "reserved_kwarg":
+        return {**o, "student.kwargs.num_classes": 5}, ["student.kwargs.num_classes", "remove it"]
     if case == "zero_batch":
         return {**o, "batch_size": 0}, ["'batch_size' must be a positive integer", "0"]
     if case == "negative_steps":
@@ -80,7 +91,7 @@ def _setup(case: str, tiny_task, tiny_teacher, tmp_path) -> tuple[dict, list[str
 
 CASES = ["unknown_model", "unknown_method", "unknown_key", "teacher_other_arch", "teacher_other_classes",
          "ood_empty", "ood_unreadable", "corrupt_image_error", "labels_outside_teacher", "generator_size",
-         "teacher_image_size", "zero_batch", "negative_steps"]
+         "teacher_image_size", "student_image_size", "student_kwarg", "reserved_kwarg", "zero_batch", "negative_steps"]
 
 
 @pytest.mark.parametrize("case", CASES)

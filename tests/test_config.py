@@ -55,6 +55,9 @@ def test_method_section_belongs_to_method():
     ("batch_size=0", "batch_size"), ("steps=-5", "steps"), ("steps=1.5", "steps"),
     ("data.channels=2", "channels"), ("mixed_precision=fp8", "mixed_precision"),
     ("schedule=linear", "schedule"), ("data.on_corrupt=skip", "on_corrupt"),
+    ("teacher.kwargs.in_chans=1", "'teacher.kwargs.in_chans' is set by mosaic"),
+    ("student.kwargs.pretrained=true", "'student.kwargs.pretrained' is not supported.*student.checkpoint"),
+    ("student.kwargs=4", "'student.kwargs' is a section"),
 ])
 def test_bad_values_are_rejected(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -88,3 +91,11 @@ def test_config_is_on_the_ground_floor():
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_model_kwargs_are_free_keys_merged_from_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("student:\n  arch: vit_tiny_patch16_224\n  kwargs:\n    patch_size: 4\n    depth: 6\n")
+    cfg = full(yaml_path=f, overrides=["student.kwargs.depth=2", "student.kwargs.drop_path_rate=0.1"])
+    assert cfg["student"]["kwargs"] == {"patch_size": 4, "depth": 2, "drop_path_rate": 0.1}
+    assert cfg["teacher"]["kwargs"] == {}

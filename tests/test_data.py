@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -104,6 +107,23 @@ def test_only_corrupt_images_is_an_error(tmp_path):
     (tmp_path / "bad" / "x.jpg").write_bytes(b"nope")
     with pytest.warns(UserWarning), pytest.raises(DataError, match="no readable images"):
         load_image_set(str(tmp_path / "bad"))
+
+
+def test_skipped_images_are_one_line_each_then_a_summary(tmp_path):
+    """Each skipped file prints as one warning line (no echoed source line); after 10 only the total follows."""
+    write_image(tmp_path / "pool" / "a.png")
+    write_image(tmp_path / "pool" / "b.png")
+    for i in range(12):
+        (tmp_path / "pool" / f"bad{i:02d}.jpg").write_bytes(b"not a jpeg")
+    code = ("from mosaic.data import load_image_set; "
+            f"print(len(load_image_set({str(tmp_path / 'pool')!r}, image_size=8, cache=False)))")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr
+    lines = done.stderr.strip().splitlines()
+    expected = [f"skipping unreadable image {tmp_path / 'pool' / f'bad{i:02d}.jpg'}" for i in range(10)]
+    expected.append(f"skipped 12 unreadable images in {tmp_path / 'pool'} in total")
+    assert lines == [f"mosaic.data:0: UserWarning: {text}" for text in expected]
 
 
 def test_grayscale_28(tmp_path):

@@ -59,7 +59,8 @@ class BornAgain(StreamMethod):
         s = self.ctx.cfg["student"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.ctx.cfg["seed"] * 1000 + generation)
-            fresh = create_model(s["arch"], num_classes=self.ctx.num_classes, in_chans=self.ctx.channels)
+            fresh = create_model(s["arch"], num_classes=self.ctx.num_classes, in_chans=self.ctx.channels,
+                                 image_size=self.ctx.image_size, where="student.kwargs", **s.get("kwargs", {}))
         return fresh.state_dict()
 
     def _freeze_copy(self, state: dict) -> nn.Module:

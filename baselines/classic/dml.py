@@ -33,11 +33,13 @@ class DeepMutualLearning(StreamMethod):
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
             raise ConfigError(f"dml.peers is the number of networks K and must be an integer >= 2, got {k!r}")
         arch = self.opts["peer_arch"] or ctx.cfg["student"]["arch"]
+        options = {} if self.opts["peer_arch"] else ctx.cfg["student"].get("kwargs", {})  # copies of the student
         self.peer_names = [f"peer{i}" for i in range(1, k)]
         self.players = ("student", *self.peer_names)
         self.student_opt = self.student_optimizer()
         for name in self.peer_names:
-            peer = create_model(arch, num_classes=ctx.num_classes, in_chans=ctx.channels).to(ctx.device)
+            peer = create_model(arch, num_classes=ctx.num_classes, in_chans=ctx.channels, image_size=ctx.image_size,
+                                **options).to(ctx.device)
             setattr(self, name, peer)
             setattr(self, f"{name}_opt", self.student_optimizer(peer.parameters()))
 

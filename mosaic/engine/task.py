@@ -11,7 +11,7 @@ from mosaic.augment import Augment
 from mosaic.data import ImageSet, load_split
 from mosaic.engine.folder import RunError
 from mosaic.methods import Context
-from mosaic.models import create_model, freeze, load_classifier, load_state
+from mosaic.models import check_forward, create_model, freeze, load_classifier, load_state
 from mosaic.stream import Stream
 
 
@@ -51,7 +51,8 @@ def load_teacher(cfg: dict, sets: dict[str, ImageSet], *, required: bool) -> tup
     labelled = sets.get("train") or sets.get("test")
     model, meta = load_classifier(t["checkpoint"], arch=t["arch"], num_classes=t["num_classes"],
                                   in_chans=cfg["data"]["channels"],
-                                  default_classes=labelled.num_classes if labelled is not None else None)
+                                  default_classes=labelled.num_classes if labelled is not None else None,
+                                  image_size=cfg["data"]["image_size"], kwargs=t.get("kwargs"))
     return freeze(model), meta
 
 
@@ -118,11 +119,13 @@ def setup_task(cfg: dict, needs: dict[str, int], accelerator, *, requires_teache
 
 
 def build_student(cfg: dict, num_classes: int, device: torch.device) -> nn.Module:
-    """A fresh student (`student.arch`, initialised from `student.checkpoint` when set) on the device."""
-    s = cfg["student"]
-    student = create_model(s["arch"], num_classes=num_classes, in_chans=cfg["data"]["channels"])
+    """A fresh student (`student.arch` + `student.kwargs`, from `student.checkpoint` when set), checked, on the device."""
+    s, d = cfg["student"], cfg["data"]
+    student = create_model(s["arch"], num_classes=num_classes, in_chans=d["channels"], image_size=d["image_size"],
+                           where="student.kwargs", **s.get("kwargs", {}))
     if s["checkpoint"]:
         load_state(student, s["checkpoint"])
+    check_forward(student, role="student", image_size=d["image_size"], channels=d["channels"], num_classes=num_classes)
     return student.to(device, memory_format=memory_format(cfg))
 
 
@@ -146,8 +149,13 @@ def make_context(cfg: dict, task: Task, accelerator) -> Context:
     """The Context a method is built from: the teacher and a fresh student on the device, the task's shape."""
     device = accelerator.device
     teacher = task.teacher.to(device, memory_format=memory_format(cfg)) if task.teacher is not None else None
-    return Context(cfg=cfg, opts=cfg.get(cfg["method"], {}), teacher=teacher,
-                   student=build_student(cfg, task.num_classes, device), num_classes=task.num_classes,
+    student = build_student(cfg, task.num_classes, device)
+    if teacher is not None:  # both networks must take the task's images: one clear error before the folder exists
+        d = cfg["data"]
+        check_forward(teacher, role="teacher", image_size=d["image_size"], channels=d["channels"],
+                      num_classes=task.num_classes)
+    return Context(cfg=cfg, opts=cfg.get(cfg["method"], {}), teacher=teacher, student=student,
+                   num_classes=task.num_classes,
                    image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"],
                    mean=torch.tensor(task.mean, device=device), std=torch.tensor(task.std, device=device),
                    device=device, accelerator=accelerator, steps=task.steps, batch_size=task.batch_size)

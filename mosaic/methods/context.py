@@ -60,4 +60,4 @@ class Context:
         from mosaic.models import load_classifier
 
         return load_classifier(checkpoint, arch=arch, num_classes=num_classes, in_chans=self.channels,
-                               default_classes=self.num_classes)
+                               default_classes=self.num_classes, image_size=self.image_size)

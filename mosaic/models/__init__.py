@@ -8,7 +8,7 @@ from . import resnet_cifar, small_cnn, vgg_cifar, wrn  # noqa: F401  (registers 
 from ._base import CIFAR10_MEAN, CIFAR10_STD, CifarNet
 from .checkpoint import LoadReport, load_classifier, load_model, load_state, read_state_dict, save_model
 from .errors import CheckpointError, ModelError
-from .factory import create_model, list_cifar_models
+from .factory import check_forward, create_model, list_cifar_models
 from .taps import FeatureTaps, feature_info_of, feature_taps, resolve_layer
 from .utils import count_params, freeze, is_frozen, unwrap_model
 
@@ -20,6 +20,7 @@ __all__ = [
     "FeatureTaps",
     "LoadReport",
     "ModelError",
+    "check_forward",
     "count_params",
     "create_model",
     "feature_info_of",

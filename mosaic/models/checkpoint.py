@@ -231,6 +231,8 @@ def _meta_from_model(model: nn.Module) -> Dict[str, Any]:
     for k in ("mean", "std"):
         if k in cfg:
             meta[k] = [float(v) for v in cfg[k]]
+    if getattr(model, "create_kwargs", None):  # options create_model gave the constructor (img_size, patch_size, ...)
+        meta["model_kwargs"] = dict(model.create_kwargs)
     return meta
 
 
@@ -243,7 +245,8 @@ def save_model(model: nn.Module, path: PathLike, *, meta: Dict[str, Any]) -> Non
 
     `meta` should hold arch, num_classes, in_chans, image_size, mean and std; keys left out are filled from
     the model's pretrained_cfg where possible, and extra keys (classes, top1, ...) are kept as they are.
-    An optional `model_kwargs` dict (e.g. {"drop_rate": 0.3}) is passed back to create_model by load_model.
+    An optional `model_kwargs` dict (e.g. {"drop_rate": 0.3}) is passed back to create_model by load_model;
+    by default it holds the options create_model built the model with (its `create_kwargs`, img_size included).
     """
     path = Path(path)
     if path.is_dir():
@@ -324,12 +327,14 @@ def load_model(
 
 
 def load_classifier(checkpoint: PathLike, *, arch: Optional[str] = None, num_classes: Optional[int] = None,
-                    in_chans: int = 3, default_classes: Optional[int] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+                    in_chans: int = 3, default_classes: Optional[int] = None, image_size: Optional[int] = None,
+                    kwargs: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """Load a classifier from our safetensors+JSON pair, a run folder, or any state_dict file given its arch.
 
-    Unlike `load_model`, an `arch` / `num_classes` that contradicts the JSON twin is an error, not an
-    override. `default_classes` (the data's class count) is used for a bare state_dict when num_classes
-    is not given.
+    Unlike `load_model`, an `arch` / `num_classes` / `kwargs` that contradicts the JSON twin is an error,
+    not an override. `default_classes` (the data's class count) is used for a bare state_dict when
+    num_classes is not given; `image_size` and the timm options `kwargs` (teacher.kwargs) build a bare
+    state_dict's network.
     """
     path = Path(checkpoint)
     if not path.exists():
@@ -341,11 +346,17 @@ def load_classifier(checkpoint: PathLike, *, arch: Optional[str] = None, num_cla
             raise CheckpointError(f"checkpoint '{path}' holds a {meta['arch']}, but arch={arch} was asked for")
         if num_classes is not None and num_classes != meta["num_classes"]:
             raise CheckpointError(f"checkpoint '{path}' has {meta['num_classes']} classes, but num_classes={num_classes}")
+        recorded = meta.get("model_kwargs") or {}
+        differ = {k: v for k, v in (kwargs or {}).items() if recorded.get(k) != v}
+        if differ:
+            raise CheckpointError(f"checkpoint '{path}' was built with options {recorded}, but teacher.kwargs "
+                                  f"asks for {differ}: drop teacher.kwargs (model.json records the options)")
         return model, meta
     num_classes = num_classes or default_classes
     if arch is None or num_classes is None:
         raise CheckpointError(f"checkpoint '{path}' has no model.json beside it: give its architecture and "
                               f"class count (teacher.arch=..., teacher.num_classes=...)")
-    model = create_model(arch, num_classes=num_classes, in_chans=in_chans)
+    model = create_model(arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                         where="teacher.kwargs", **(kwargs or {}))
     load_state(model, path)
     return model.eval(), {"arch": arch, "num_classes": num_classes, "in_chans": in_chans}
