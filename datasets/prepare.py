@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing the package
     sys.path.insert(0, str(REPO))
 
-from mosaic.data import OFFLINE, TORCHVISION, DataError, _open_torchvision, data_root, load_image_set  # noqa: E402
+from mosaic.data import DataError, data_root, load_image_set  # noqa: E402
+from mosaic.data.sources import OFFLINE, TORCHVISION, open_torchvision  # noqa: E402
 
 SPLITS = {
     "cifar10-jpeg": ("train", "test"),
@@ -86,7 +87,7 @@ def download(name: str, *, root: Path) -> None:
     target = root / TORCHVISION[name][1]
     for split in SPLITS[name]:
         try:
-            _open_torchvision(name, split=split, target=target, download=True, root=root)
+            open_torchvision(name, split=split, target=target, download=True, root=root)
             print(f"{name} {split}: ready under {target}")
         except DataError as err:
             print(f"{name} {split}: {err}")

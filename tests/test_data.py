@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 import mosaic.data as data
+import mosaic.data.decode as decode
 from mosaic.augment import Augment, normalize, to_float
 from mosaic.data import DataError, ImageSet, data_root, load_image_set
+from mosaic.data.base import select_indices
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -207,7 +209,7 @@ def test_limit_is_balanced_and_deterministic(tmp_path):
     counts = torch.bincount(first.labels, minlength=3)
     assert len(first) == 7 and counts.max() - counts.min() <= 1
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
-    assert data._select(30, [i // 10 for i in range(30)], limit=7, seed=3) != data._select(
+    assert select_indices(30, [i // 10 for i in range(30)], limit=7, seed=3) != select_indices(
         30, [i // 10 for i in range(30)], limit=7, seed=4
     )
     assert len(other) == 7
@@ -238,7 +240,7 @@ def test_cache_hit_does_not_decode(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoder called on a cache hit")
 
-    monkeypatch.setattr(data, "_decode_chunk", no_decoding)
+    monkeypatch.setattr(decode, "decode_chunk", no_decoding)
     second = load_image_set(str(root), image_size=8)
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert second.classes == first.classes and second.mean == first.mean and second.name == first.name
