@@ -1,6 +1,6 @@
-"""Data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion): BN hooks, adversarial gradients, engine runs.
+"""Data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion, CMI, Fast): BN hooks, adversarial gradients, engine runs.
 
-Their losses by hand: test_losses_*.py.
+Their losses by hand: test_losses_*.py; the shared image pool, CMI and Fast: test_pool_methods.py.
 """
 from __future__ import annotations
 
@@ -260,6 +260,8 @@ ENGINE_OPTS = {
     "dfad": {**SMALL, "student_steps": 2},
     "dfq": {**SMALL, "student_steps": 2},
     "deepinversion": {"pool_size": 16, "di_iters": 2},  # 2 synthesis steps of 8, then KD
+    "cmi": {**SMALL, "pool_size": 16, "g_steps": 2, "synth_every": 2, "bank_size": 32, "n_neg": 8, "head_dim": 8},
+    "fast": {**SMALL, "pool_size": 16, "g_steps": 2, "synth_every": 2, "warmup": 1},
 }
 
 

@@ -35,13 +35,11 @@ import math
 import torch
 from torch import Tensor
 
-from baselines.datafree.common import BNStatHooks, check_positive, make_student_opt, require
-from baselines.datafree.pool import ImagePool
-from mosaic.augment import Augment, to_float
-from mosaic.losses import (competition_loss, cross_entropy, image_l2, kd_loss, total_variation_l1,
-                           total_variation_l2)
-from mosaic.methods import Context, Method, no_param_grad, register_method
-from mosaic.config import ConfigError
+from baselines.datafree.common import BNStatHooks, check_positive, require
+from baselines.datafree.pool import PoolDistillation
+from mosaic.augment import to_float
+from mosaic.losses import competition_loss, cross_entropy, image_l2, total_variation_l1, total_variation_l2
+from mosaic.methods import Context, no_param_grad, register_method
 from mosaic.models import unwrap_model
 
 
@@ -54,7 +52,7 @@ def inversion_settings(image_size: int) -> dict:
 
 
 @register_method("deepinversion")
-class DeepInversion(Method):
+class DeepInversion(PoolDistillation):
     """Data-free: a pool of images inverted from the teacher's BN statistics, then KD on the pool."""
     defaults = {
         "pool_size": 51200,           # images synthesised before KD (CMI's DeepInv benchmark: 200 batches of 256)
@@ -77,13 +75,11 @@ class DeepInversion(Method):
         "competition_temperature": 3.0,  # softmax temperature of the competition's JS divergence (official: 3)
         "temperature": 20.0,          # KD temperature on the pool (CMI's DeepInv benchmark: --T 20)
     }
-    needs = {}                        # data-free: no data stream
-    players = ("student",)
 
     def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
+        check_positive("deepinversion", ctx.opts, "pool_size", "di_iters")
+        super().__init__(ctx, pool_size=ctx.opts["pool_size"])
         o = self.opts
-        check_positive(self.name, o, "pool_size", "di_iters")
         self.synth_batch = o["synth_batch"] or ctx.batch_size
         check_positive(self.name, {"synth_batch": self.synth_batch}, "synth_batch")
         self.synth_steps = math.ceil(o["pool_size"] / self.synth_batch)
@@ -99,11 +95,7 @@ class DeepInversion(Method):
         require(isinstance(self.flip, bool), f"deepinversion.flip must be true, false or null, got {self.flip!r}")
         require(isinstance(self.first_bn_multiplier, (int, float)) and self.first_bn_multiplier >= 0,
                 f"deepinversion.first_bn_multiplier must be a number >= 0 or null, got {self.first_bn_multiplier!r}")
-        self.student_opt = make_student_opt(self.student.parameters(), o, ctx, self.name)
         self.bn_hooks = BNStatHooks(ctx.teacher)
-        augment = Augment.from_config(ctx.cfg["data"], image_size=ctx.image_size).to(ctx.device)
-        self.pool = ImagePool(o["pool_size"], channels=ctx.channels, image_size=ctx.image_size, device=ctx.device,
-                              seed=ctx.cfg["seed"], augment=augment)
         shape = (1, ctx.channels, 1, 1)
         self.lo = ((0.0 - ctx.mean) / ctx.std).view(shape)  # the valid pixel range in normalised space
         self.hi = ((1.0 - ctx.mean) / ctx.std).view(shape)
@@ -178,17 +170,6 @@ class DeepInversion(Method):
         self.pool.add(images)
         return {f"di_{k}": v for k, v in terms.items()}
 
-    # ------------------------------------------------------------------------- distillation
-
-    def kd_step(self) -> dict[str, Tensor]:
-        """One KD step of the student on an augmented batch from the pool."""
-        x = self.ctx.normalize(self.pool.sample(self.ctx.batch_size))
-        with torch.no_grad():
-            t_logits = self.teacher(x)
-        loss_s = kd_loss(self.student(x), t_logits, temperature=self.opts["temperature"])
-        self.update(loss_s, self.student_opt)
-        return {"loss_s": loss_s.detach()}
-
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         if self.filled < self.opts["pool_size"]:
             return self.synthesis_step()
@@ -204,13 +185,3 @@ class DeepInversion(Method):
     def results(self) -> dict:
         return {"di_pool_images": self.filled, "di_synthesis_steps": self.synth_steps,
                 "di_kd_steps": self.ctx.steps - self.synth_steps}
-
-    def state_dict(self) -> dict:
-        """The pool made so far (uint8, CPU) and the KD stream's position."""
-        return self.pool.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        try:
-            self.pool.load_state_dict(state, what="DeepInversion pool")
-        except ValueError as err:
-            raise ConfigError(f"{err} (deepinversion.pool_size)") from None
