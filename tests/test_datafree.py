@@ -16,7 +16,7 @@ from torch import nn
 from baselines.datafree.common import BNStatHooks
 from baselines.datafree.deepinversion import DeepInversion, inversion_settings
 from baselines.datafree.zskt import pair_layers
-from conftest import base_overrides
+from conftest import base_overrides, train_killed_at
 from hand import approx
 from mosaic.config import ConfigError, resolve
 from mosaic.losses import batch_stats, total_variation_l2
@@ -301,17 +301,10 @@ def test_deepinversion_resume_keeps_the_pool(tiny_task, tiny_teacher, tmp_path, 
     common = dict(steps=4, ckpt_every=1, keep_ckpts=4)
     full = train(engine_cfg(tiny_task, tiny_teacher, tmp_path, "full", "deepinversion", **common))
 
-    real_step, real_synth = DeepInversion.step, DeepInversion.synthesize
-
-    def dying_step(self, batch, step):
-        if step == 1:
-            raise KeyboardInterrupt("simulated kill during the second synthesis step")
-        return real_step(self, batch, step)
-
-    monkeypatch.setattr(DeepInversion, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(engine_cfg(tiny_task, tiny_teacher, tmp_path, "killed", "deepinversion", **common))
-    monkeypatch.setattr(DeepInversion, "step", real_step)
+    real_synth = DeepInversion.synthesize
+    # simulated kill during the second synthesis step
+    train_killed_at(monkeypatch, DeepInversion, 1, engine_cfg(tiny_task, tiny_teacher, tmp_path, "killed",
+                                                              "deepinversion", **common))
     assert _pool_in(checkpoints(tmp_path / "killed")[-1]).shape[0] == 8  # one batch made before the kill
 
     calls = []

@@ -11,6 +11,7 @@ from baselines.datafree.cmi import CMI
 from baselines.datafree.deepinversion import inversion_settings
 from baselines.datafree.fast import Fast
 from baselines.datafree.pool import ImagePool
+from conftest import train_killed_at
 from mosaic.augment import Augment
 from mosaic.config import ConfigError
 from test_datafree import B, CLASSES, SIZE, SMALL, engine_cfg, grads, make
@@ -235,17 +236,8 @@ def test_pool_method_resumes_to_identical_weights(method_cls, tiny_task, tiny_te
     method = method_cls.name
     common = dict(steps=5, ckpt_every=1, keep_ckpts=5)
     full = train(engine_cfg(tiny_task, tiny_teacher, tmp_path, "full", method, **common))
-    real_step = method_cls.step
-
-    def dying_step(self, batch, step):
-        if step == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(self, batch, step)
-
-    monkeypatch.setattr(method_cls, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(engine_cfg(tiny_task, tiny_teacher, tmp_path, "killed", method, **common))
-    monkeypatch.setattr(method_cls, "step", real_step)
+    train_killed_at(monkeypatch, method_cls, 3, engine_cfg(tiny_task, tiny_teacher, tmp_path, "killed", method,
+                                                           **common))
     resumed = train(engine_cfg(tiny_task, tiny_teacher, tmp_path, "killed", method, resume=True, **common))
     assert resumed["final_losses"] == full["final_losses"]
     a, b = _method_state(checkpoints(tmp_path / "full")[-1]), _method_state(checkpoints(tmp_path / "killed")[-1])
