@@ -80,3 +80,20 @@ def tiny_teacher(tiny_task, tmp_path_factory) -> Path:
     results = train(cfg)
     assert results["student_top1"] > 0.6, results  # colour classes are easy
     return out / "teacher" / "model.safetensors"
+
+
+def train_killed_at(monkeypatch, method_cls, step: int, cfg: dict) -> None:
+    """Run `cfg` until `method_cls.step` is called for `step`, where a simulated kill (KeyboardInterrupt) stops it."""
+    from mosaic.engine import train
+
+    real_step = method_cls.step
+
+    def dying_step(self, batch, i):
+        if i == step:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, batch, i)
+
+    monkeypatch.setattr(method_cls, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(method_cls, "step", real_step)

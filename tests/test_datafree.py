@@ -1,6 +1,6 @@
-"""Data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion): BN hooks, adversarial gradients, engine runs.
+"""Data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion, CMI, Fast): BN hooks, adversarial gradients, engine runs.
 
-Their losses by hand: test_losses_*.py.
+Their losses by hand: test_losses_*.py; the shared image pool, CMI and Fast: test_pool_methods.py.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from baselines.datafree.common import BNStatHooks
-from baselines.datafree.deepinversion import DeepInversion
+from baselines.datafree.deepinversion import DeepInversion, inversion_settings
 from baselines.datafree.zskt import pair_layers
-from conftest import base_overrides
+from conftest import base_overrides, train_killed_at
 from hand import approx
 from mosaic.config import ConfigError, resolve
 from mosaic.losses import batch_stats, total_variation_l2
@@ -204,7 +204,9 @@ def test_zskt_pairs_stages_by_reduction():
 
 def test_deepinversion_priors_are_on_by_default_and_smooth_images():
     d = method_defaults("deepinversion")
-    assert d["tv_l2"] > 0 and d["l2"] > 0 and d["first_bn_multiplier"] > 1 and d["lambda_bn"] > 0
+    assert d["tv_l2"] > 0 and d["l2"] > 0 and d["lambda_bn"] > 0
+    # the first BN layer's extra weight is resolved by image size: x10 above 32 px (ImageNet code), see below
+    assert d["first_bn_multiplier"] is None and inversion_settings(224)["first_bn_multiplier"] > 1
     m = make("deepinversion", pool_size=8, di_iters=1)
     v = torch.randn(B, 3, SIZE, SIZE, requires_grad=True)
     targets = torch.arange(B) % CLASSES
@@ -258,6 +260,8 @@ ENGINE_OPTS = {
     "dfad": {**SMALL, "student_steps": 2},
     "dfq": {**SMALL, "student_steps": 2},
     "deepinversion": {"pool_size": 16, "di_iters": 2},  # 2 synthesis steps of 8, then KD
+    "cmi": {**SMALL, "pool_size": 16, "g_steps": 2, "synth_every": 2, "bank_size": 32, "n_neg": 8, "head_dim": 8},
+    "fast": {**SMALL, "pool_size": 16, "g_steps": 2, "synth_every": 2, "warmup": 1},
 }
 
 
@@ -297,17 +301,10 @@ def test_deepinversion_resume_keeps_the_pool(tiny_task, tiny_teacher, tmp_path, 
     common = dict(steps=4, ckpt_every=1, keep_ckpts=4)
     full = train(engine_cfg(tiny_task, tiny_teacher, tmp_path, "full", "deepinversion", **common))
 
-    real_step, real_synth = DeepInversion.step, DeepInversion.synthesize
-
-    def dying_step(self, batch, step):
-        if step == 1:
-            raise KeyboardInterrupt("simulated kill during the second synthesis step")
-        return real_step(self, batch, step)
-
-    monkeypatch.setattr(DeepInversion, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(engine_cfg(tiny_task, tiny_teacher, tmp_path, "killed", "deepinversion", **common))
-    monkeypatch.setattr(DeepInversion, "step", real_step)
+    real_synth = DeepInversion.synthesize
+    # simulated kill during the second synthesis step
+    train_killed_at(monkeypatch, DeepInversion, 1, engine_cfg(tiny_task, tiny_teacher, tmp_path, "killed",
+                                                              "deepinversion", **common))
     assert _pool_in(checkpoints(tmp_path / "killed")[-1]).shape[0] == 8  # one batch made before the kill
 
     calls = []

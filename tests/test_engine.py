@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_overrides
+from conftest import base_overrides, train_killed_at
 from mosaic.cli import TEACHER_BASE, _resolve, main
 from mosaic.engine import RunError, checkpoints, lr_factor, train
 
@@ -48,17 +48,7 @@ def test_resume_matches_uninterrupted_run(tiny_task, tiny_teacher, tmp_path, mon
     full = train(cfg_for(tiny_task, tmp_path, name="full", **common))
 
     from mosaic.methods.mosaic_kd import MosaicKD
-    real_step = MosaicKD.step
-
-    def dying_step(self, batch, step):
-        if step == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(self, batch, step)
-
-    monkeypatch.setattr(MosaicKD, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(tiny_task, tmp_path, name="killed", **common))
-    monkeypatch.setattr(MosaicKD, "step", real_step)
+    train_killed_at(monkeypatch, MosaicKD, 4, cfg_for(tiny_task, tmp_path, name="killed", **common))
     assert [p.name for p in checkpoints(tmp_path / "killed")] == ["step_00000003"]
     resumed = train(cfg_for(tiny_task, tmp_path, name="killed", resume=True, **common))
 

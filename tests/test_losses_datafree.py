@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from hand import approx
+from hand import approx, dot, kl, softmax, tensor
 from mosaic.losses import (activation_loss, batch_stats, bn_stat_distance, bn_stat_loss, competition_loss, image_l2,
                            onehot_loss, total_variation_l1, total_variation_l2)
 
@@ -60,3 +60,38 @@ def test_image_priors():
     y = torch.tensor([[[[3.0, 4.0]]], [[[0.0, 0.0]]]])
     assert image_l2(y).item() == approx((5 + 0) / 2)
     assert total_variation_l2(torch.full((2, 3, 4, 4), 0.7)).item() == 0
+
+
+# ----------------------------------------------------------------------------- CMI / Fast
+
+
+def test_instance_contrastive_loss_by_hand():
+    from mosaic.losses import instance_contrastive_loss
+
+    local = [[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]
+    glob = [[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]]
+    T = 0.5
+
+    def row_loss(i):
+        logits = [dot(local[i], g) / T for g in glob]
+        return -math.log(math.exp(logits[i]) / sum(math.exp(v) for v in logits))
+
+    rows = [row_loss(i) for i in range(3)]
+    loc, glo = tensor(local).requires_grad_(True), tensor(glob).requires_grad_(True)
+    # two current images + one bank row: mean over the batch rows + mean over the bank rows
+    got = instance_contrastive_loss(loc, glo, temperature=T, batch=2)
+    assert got.item() == approx((rows[0] + rows[1]) / 2 + rows[2])
+    # no bank rows: the plain mean
+    assert instance_contrastive_loss(loc, glo, temperature=T, batch=3).item() == approx(sum(rows) / 3)
+    got.backward()
+    assert loc.grad.abs().sum() > 0 and glo.grad is None  # the global views are the detached keys
+
+
+def test_masked_adversarial_kl_by_hand():
+    from mosaic.losses import masked_adversarial_kl
+
+    s = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.2]]
+    t = [[1.0, 0.5, 0.0], [1.0, 0.0, 0.0], [3.0, 0.0, 0.0]]  # rows 0 and 2 agree on the argmax, row 1 does not
+    kls = [kl(softmax(ti), softmax(si)) for si, ti in zip(s, t)]
+    assert masked_adversarial_kl(tensor(s), tensor(t)).item() == approx(-(kls[0] + kls[2]) / 3)
+    assert masked_adversarial_kl(tensor(t), tensor(t)).item() == approx(0.0)

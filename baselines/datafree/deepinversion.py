@@ -8,14 +8,20 @@ labels, and image priors keep them smooth:
       + tv_l2 * TV_l2(x~) + tv_l1 * TV_l1(x~) + l2 * mean_i ||x~_i||_2
       + competition * (1 - JS(T(x~)/tau || S(x~)/tau))          # Adaptive DeepInversion (ADI), off by default
 
-x~ is the pixel variable after a random roll of up to `jitter` pixels and a random
-horizontal flip; y are class-balanced targets; pixels are kept in the valid image range.
+x~ is the pixel variable after a random roll of up to `jitter` pixels and (optionally) a
+random horizontal flip; y are class-balanced targets; pixels are kept in the valid image range.
+
+Settings by image size (the null defaults of `jitter`, `flip`, `first_bn_multiplier`): at 32 px or
+less, the official CIFAR-10 code (cifar10/deepinversion_cifar10.py: roll of up to 2 px at 32x32,
+no flip, every BN layer weighted 1); above, the official ImageNet code (30 px at 224 scaled to the
+image size, flip, first BN layer x10). The CIFAR jitter is scaled the same way below 32 px (1 at
+16 px). An explicit value always wins.
 
 Synthesis / KD split of a run: the first ceil(pool_size / synth_batch) engine steps each
 synthesise one batch (`di_iters` Adam steps) into the pool; every remaining step is one KD
 step of the student on an augmented batch drawn from the pool, so `steps` must exceed the
-synthesis steps. The pool (uint8, per process) is part of the method's state_dict: a resume
-keeps the images made so far and synthesises only the missing batches. The run's LR schedule
+synthesis steps. The pool (baselines.datafree.pool, uint8, per process) is part of the method's
+state_dict: a resume keeps the images made so far and synthesises only the missing batches. The run's LR schedule
 spans all steps, so its first synthesis-steps slice passes before KD starts (200 of 80,200
 steps, 0.25%, in experiments/configs/deepinversion_cifar10.yaml).
 
@@ -29,17 +35,24 @@ import math
 import torch
 from torch import Tensor
 
-from baselines.datafree.common import BNStatHooks, check_positive, make_student_opt, require
-from mosaic.augment import Augment, to_float
-from mosaic.losses import (competition_loss, cross_entropy, image_l2, kd_loss, total_variation_l1,
-                           total_variation_l2)
-from mosaic.methods import Context, Method, no_param_grad, register_method
+from baselines.datafree.common import BNStatHooks, check_positive, require
+from baselines.datafree.pool import PoolDistillation
+from mosaic.augment import to_float
+from mosaic.losses import competition_loss, cross_entropy, image_l2, total_variation_l1, total_variation_l2
+from mosaic.methods import Context, no_param_grad, register_method
 from mosaic.models import unwrap_model
-from mosaic.stream import Stream
+
+
+def inversion_settings(image_size: int) -> dict:
+    """The official code's jitter, flip and first-BN weight for an image side: CIFAR code <= 32 px, ImageNet above."""
+    if image_size <= 32:  # cifar10/deepinversion_cifar10.py: lim_0 = lim_1 = 2, no flip, plain sum over BN layers
+        return {"jitter": max(1, round(2 * image_size / 32)), "flip": False, "first_bn_multiplier": 1.0}
+    # imagenet_inversion.py / deepinversion.py: jitter 30 at 224, flip, first_bn_multiplier 10
+    return {"jitter": round(30 * image_size / 224), "flip": True, "first_bn_multiplier": 10.0}
 
 
 @register_method("deepinversion")
-class DeepInversion(Method):
+class DeepInversion(PoolDistillation):
     """Data-free: a pool of images inverted from the teacher's BN statistics, then KD on the pool."""
     defaults = {
         "pool_size": 51200,           # images synthesised before KD (CMI's DeepInv benchmark: 200 batches of 256)
@@ -47,12 +60,14 @@ class DeepInversion(Method):
         "di_iters": 2000,             # Adam steps per synthesised batch (official CIFAR code: iters_mi 2000)
         "lr": 0.05,                   # Adam lr on the pixels (official CIFAR README, paper parameters: di_lr 0.05)
         "betas": [0.9, 0.999],        # Adam betas on the pixels (official CIFAR code: torch defaults)
-        "jitter": None,               # max random roll in pixels; null: the ImageNet code's 30 px at 224 scaled
-                                      #   to the image size (4 at 32 px, 2 at 16 px; the CIFAR code uses 2)
-        "flip": True,                 # random horizontal flip of the batch each iteration (official code)
+        "jitter": None,               # max random roll in pixels; null: <= 32 px the CIFAR code's 2 at 32 scaled
+                                      #   (1 at 16 px), else the ImageNet code's 30 at 224 scaled (9 at 64 px)
+        "flip": None,                 # random horizontal flip each iteration; null: off <= 32 px (CIFAR code),
+                                      #   on above (ImageNet code)
         "lambda_ce": 1.0,             # CE to the targets (official: main_loss_multiplier 1)
         "lambda_bn": 10.0,            # BN-statistics weight (official CIFAR README, paper parameters: r_feature 10)
-        "first_bn_multiplier": 10.0,  # extra weight of the first BN layer (official ImageNet code: 10)
+        "first_bn_multiplier": None,  # extra weight of the first BN layer; null: 1 <= 32 px (CIFAR code),
+                                      #   10 above (ImageNet code)
         "tv_l2": 2.5e-5,              # L2 total variation (official CIFAR code: di_var_scale 2.5e-5)
         "tv_l1": 0.0,                 # L1 total variation (official ImageNet code default: 0)
         "l2": 3e-8,                   # image L2-norm prior (paper's CIFAR-10 setting, alpha_l2 = 3e-8)
@@ -60,13 +75,11 @@ class DeepInversion(Method):
         "competition_temperature": 3.0,  # softmax temperature of the competition's JS divergence (official: 3)
         "temperature": 20.0,          # KD temperature on the pool (CMI's DeepInv benchmark: --T 20)
     }
-    needs = {}                        # data-free: no data stream
-    players = ("student",)
 
     def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
+        check_positive("deepinversion", ctx.opts, "pool_size", "di_iters")
+        super().__init__(ctx, pool_size=ctx.opts["pool_size"])
         o = self.opts
-        check_positive(self.name, o, "pool_size", "di_iters")
         self.synth_batch = o["synth_batch"] or ctx.batch_size
         check_positive(self.name, {"synth_batch": self.synth_batch}, "synth_batch")
         self.synth_steps = math.ceil(o["pool_size"] / self.synth_batch)
@@ -74,18 +87,15 @@ class DeepInversion(Method):
                 f"deepinversion spends its first {self.synth_steps} steps synthesising the pool "
                 f"(ceil(pool_size {o['pool_size']} / synth_batch {self.synth_batch})) and KD needs at least one "
                 f"more: raise steps above {self.synth_steps} or lower deepinversion.pool_size")
-        jitter = o["jitter"] if o["jitter"] is not None else round(30 * ctx.image_size / 224)
-        require(isinstance(jitter, int) and 0 <= jitter < ctx.image_size,
-                f"deepinversion.jitter must be an integer in [0, {ctx.image_size}), got {jitter!r}")
-        self.jitter = jitter
-        self.student_opt = make_student_opt(self.student.parameters(), o, ctx, self.name)
+        settings = inversion_settings(ctx.image_size)
+        self.jitter, self.flip, self.first_bn_multiplier = (settings[k] if o[k] is None else o[k]
+                                                            for k in ("jitter", "flip", "first_bn_multiplier"))
+        require(isinstance(self.jitter, int) and 0 <= self.jitter < ctx.image_size,
+                f"deepinversion.jitter must be an integer in [0, {ctx.image_size}), got {self.jitter!r}")
+        require(isinstance(self.flip, bool), f"deepinversion.flip must be true, false or null, got {self.flip!r}")
+        require(isinstance(self.first_bn_multiplier, (int, float)) and self.first_bn_multiplier >= 0,
+                f"deepinversion.first_bn_multiplier must be a number >= 0 or null, got {self.first_bn_multiplier!r}")
         self.bn_hooks = BNStatHooks(ctx.teacher)
-        self.pool = torch.empty((o["pool_size"], ctx.channels, ctx.image_size, ctx.image_size), dtype=torch.uint8,
-                                device=ctx.device)
-        self.filled = 0
-        self.augment = Augment.from_config(ctx.cfg["data"], image_size=ctx.image_size).to(ctx.device)
-        self.stream: Stream | None = None
-        self._stream_state: dict | None = None
         shape = (1, ctx.channels, 1, 1)
         self.lo = ((0.0 - ctx.mean) / ctx.std).view(shape)  # the valid pixel range in normalised space
         self.hi = ((1.0 - ctx.mean) / ctx.std).view(shape)
@@ -97,7 +107,7 @@ class DeepInversion(Method):
         if self.jitter > 0:
             dx, dy = torch.randint(-self.jitter, self.jitter + 1, (2,)).tolist()  # CPU draw: no device sync
             v = torch.roll(v, shifts=(dx, dy), dims=(2, 3))
-        if self.opts["flip"] and bool(torch.rand(()) < 0.5):
+        if self.flip and bool(torch.rand(()) < 0.5):
             v = torch.flip(v, dims=(3,))
         return v
 
@@ -107,7 +117,7 @@ class DeepInversion(Method):
         with self.bn_hooks:
             t_logits = self.teacher(x)
         terms = {"ce": cross_entropy(t_logits, targets),
-                 "bn": self.bn_hooks.loss(first_multiplier=o["first_bn_multiplier"]),
+                 "bn": self.bn_hooks.loss(first_multiplier=self.first_bn_multiplier),
                  "tv_l2": total_variation_l2(x), "tv_l1": total_variation_l1(x), "l2": image_l2(x)}
         if o["competition"] > 0:
             student = unwrap_model(self.student)
@@ -148,29 +158,17 @@ class DeepInversion(Method):
         images = (v.detach() * self.ctx.std.view(self.lo.shape) + self.ctx.mean.view(self.lo.shape)).clamp(0, 1)
         return images, {"loss": loss.detach(), **{k: t.detach() for k, t in terms.items()}}
 
+    @property
+    def filled(self) -> int:
+        """Images in the pool so far."""
+        return len(self.pool)
+
     def synthesis_step(self) -> dict[str, Tensor]:
         """Synthesise the next batch of the pool."""
         n = min(self.synth_batch, self.opts["pool_size"] - self.filled)
         images, terms = self.synthesize(n)
-        self.pool[self.filled:self.filled + n] = (images * 255).round().to(torch.uint8)
-        self.filled += n
+        self.pool.add(images)
         return {f"di_{k}": v for k, v in terms.items()}
-
-    # ------------------------------------------------------------------------- distillation
-
-    def kd_step(self) -> dict[str, Tensor]:
-        """One KD step of the student on an augmented batch from the pool."""
-        if self.stream is None:
-            self.stream = Stream(self.pool, seed=self.ctx.cfg["seed"], augment=self.augment)
-            if self._stream_state is not None:
-                self.stream.load_state_dict(self._stream_state)
-        x, _ = self.stream.next(self.ctx.batch_size)
-        x = self.ctx.normalize(x)
-        with torch.no_grad():
-            t_logits = self.teacher(x)
-        loss_s = kd_loss(self.student(x), t_logits, temperature=self.opts["temperature"])
-        self.update(loss_s, self.student_opt)
-        return {"loss_s": loss_s.detach()}
 
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         if self.filled < self.opts["pool_size"]:
@@ -182,22 +180,8 @@ class DeepInversion(Method):
     @torch.no_grad()
     def sample_images(self, n: int) -> Tensor | None:
         """The first n images of the pool (None before the first batch is made)."""
-        return to_float(self.pool[:min(n, self.filled)]) if self.filled else None
+        return to_float(self.pool.images()[:n]) if self.filled else None
 
     def results(self) -> dict:
         return {"di_pool_images": self.filled, "di_synthesis_steps": self.synth_steps,
                 "di_kd_steps": self.ctx.steps - self.synth_steps}
-
-    def state_dict(self) -> dict:
-        """The pool made so far (uint8, CPU) and the KD stream's position."""
-        return {"pool": self.pool[:self.filled].cpu(),
-                "stream": self.stream.state_dict() if self.stream is not None else self._stream_state}
-
-    def load_state_dict(self, state: dict) -> None:
-        pool = state["pool"]
-        require(pool.shape[0] <= self.pool.shape[0] and pool.shape[1:] == self.pool.shape[1:],
-                f"the checkpoint's DeepInversion pool has shape {tuple(pool.shape)}, which does not fit this run's "
-                f"pool {tuple(self.pool.shape)}: resume with the same deepinversion.pool_size and data.image_size")
-        self.pool[:len(pool)] = pool.to(self.pool.device)
-        self.filled = len(pool)
-        self.stream, self._stream_state = None, state.get("stream")

@@ -1,8 +1,9 @@
-"""Losses of the data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion) that no other method shares.
+"""Losses of the data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion, CMI, Fast) that no other method shares.
 
 Teacher-side priors on synthetic images (DAFL's one-hot and activation terms), DeepInversion's
-competition term, BatchNorm-statistics matching (DFQ, DeepInversion) and image priors
-(DeepInversion). The KD divergences they train students with live in `mosaic.losses.response`,
+competition term, CMI's and Fast's agreement-masked adversarial term, BatchNorm-statistics
+matching (DFQ, DeepInversion, CMI, Fast), image priors (DeepInversion) and CMI's instance-level
+contrastive loss. The KD divergences they train students with live in `mosaic.losses.response`,
 the class-balance term in `mosaic.losses.generator`. Every function computes in float32 whatever
 the input dtype, so the terms are stable under autocast.
 """
@@ -35,6 +36,19 @@ def activation_loss(features: Tensor) -> Tensor:
 def competition_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 3.0) -> Tensor:
     """Adaptive DeepInversion's R_compete = 1 - JS(p_T, p_S): low where teacher and student disagree."""
     return 1.0 - js_divergence(teacher_logits, student_logits, temperature=temperature)
+
+
+def masked_adversarial_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """-mean_i [argmax s_i == argmax t_i] KL(p_t,i || p_s,i): CMI / Fast's decision-adversarial synthesis term.
+
+    Images on which student and teacher already agree are pushed towards disagreement; the rest
+    count zero (the batch mean still divides by the whole batch, as the reference code).
+    """
+    s, t = student_logits.float(), teacher_logits.float()
+    log_p_s, log_p_t = F.log_softmax(s, dim=1), F.log_softmax(t, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    agree = (s.argmax(dim=1) == t.argmax(dim=1)).float()
+    return -(kl * agree).mean()
 
 
 # ----------------------------------------------------------------------------- BatchNorm statistics (DFQ, DeepInversion)
@@ -85,3 +99,20 @@ def total_variation_l1(x: Tensor) -> Tensor:
 def image_l2(x: Tensor) -> Tensor:
     """Mean over the batch of each image's L2 norm (DeepInversion's R_l2 prior)."""
     return torch.linalg.vector_norm(x.float().flatten(1), dim=1).mean()
+
+
+# ----------------------------------------------------------------------------- contrastive inversion (CMI)
+
+def instance_contrastive_loss(local: Tensor, global_: Tensor, *, temperature: float, batch: int) -> Tensor:
+    """CMI's InfoNCE: row i of `local` must pick row i of `global_` (detached) among all rows, at `temperature`.
+
+    Both are (N, D) L2-normalised projections whose first `batch` rows are the current images
+    and the rest the memory bank's; logits = local @ global_^T / temperature, cross-entropy to
+    the diagonal. With bank rows the loss is mean over the batch rows + mean over the bank rows
+    (CMI's code), otherwise the plain mean.
+    """
+    logits = local.float() @ global_.detach().float().T / temperature
+    per_row = F.cross_entropy(logits, torch.arange(len(logits), device=logits.device), reduction="none")
+    if len(per_row) > batch:
+        return per_row[:batch].mean() + per_row[batch:].mean()
+    return per_row.mean()

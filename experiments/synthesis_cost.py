@@ -1,0 +1,118 @@
+"""Synthesis cost of DeepInversion, CMI and Fast side by side: wall seconds per 1,000 synthesised images.
+
+All three methods are built in one process as the engine builds them (config, Context), on the
+same teacher, and each synthesises `--batches` batches of `--batch` images with its own options
+(the published per-batch iterations unless `--set` changes them: DeepInversion 2,000 Adam steps
+on the pixels, CMI 200 generator steps, Fast 5 inner steps plus its meta update). The student is
+a random cnn_tiny (only the adversarial terms read it). Fast's claim (AAAI 2022) is 10x-100x less
+synthesis time than DeepInversion.
+
+    python experiments/synthesis_cost.py                                   # cpu-small shape, paper iterations
+    python experiments/synthesis_cost.py --teacher runs/demo-teacher/model.safetensors --out cost.md
+    python experiments/synthesis_cost.py --batches 1 --batch 8 --set deepinversion.di_iters=4 \\
+        --set cmi.g_steps=2 --set fast.g_steps=2                         # a seconds-long check
+
+Without `--teacher` (or when the file is missing) a random `--arch` teacher stands in: the cost
+does not depend on the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mosaic.config import resolve  # noqa: E402
+from mosaic.methods import Context, get_method, method_defaults  # noqa: E402
+from mosaic.models import create_model, freeze, load_classifier  # noqa: E402
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10
+METHODS = ("deepinversion", "cmi", "fast")
+ITERATIONS = {"deepinversion": "di_iters", "cmi": "g_steps", "fast": "g_steps"}
+
+
+def build(name: str, teacher, args, accelerator):
+    """The method object as mosaic.engine.train builds it (no run folder, no players prepared)."""
+    sets = [s for s in args.set if s.startswith(f"{name}.") or "." not in s.split("=")[0]]
+    cfg = resolve(overrides=[f"method={name}", f"batch_size={args.batch}", f"data.image_size={args.size}",
+                             f"seed={args.seed}", "cpu=true", *sets], method_defaults=method_defaults)
+    opts = cfg[name]
+    if name == "deepinversion":
+        opts["pool_size"] = args.batch * (args.batches + args.warmup)  # room for every batch
+        steps = args.batches + args.warmup + 1
+    else:
+        opts["pool_size"], opts["warmup"], steps = args.batch * (args.batches + args.warmup), 0, 10
+    student = create_model("cnn_tiny", num_classes=args.classes)
+    ctx = Context(cfg=cfg, opts=opts, teacher=teacher, student=student, num_classes=args.classes,
+                  image_size=args.size, channels=3, mean=torch.tensor(MEAN), std=torch.tensor(STD),
+                  device=torch.device("cpu"), accelerator=accelerator, steps=steps, batch_size=args.batch)
+    return get_method(name)(ctx)
+
+
+def synthesize_once(method) -> None:
+    """One batch into the pool, as a run's synthesis step makes it."""
+    if method.name == "deepinversion":
+        method.synthesis_step()
+    else:
+        method.synthesize(adversarial=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="/work/runs-df/demo-teacher/model.safetensors",
+                   help="teacher checkpoint; a random --arch teacher when missing")
+    p.add_argument("--arch", default="cnn_small", help="teacher architecture when no checkpoint is given")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--batch", type=int, default=64, help="images per synthesised batch")
+    p.add_argument("--size", type=int, default=32, help="image side")
+    p.add_argument("--batches", type=int, default=2, help="timed batches per method")
+    p.add_argument("--warmup", type=int, default=0, help="untimed batches per method first (one-time set-up costs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--set", action="append", default=[], help="override, e.g. deepinversion.di_iters=100")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(args.seed)
+    if args.teacher and Path(args.teacher).exists():
+        teacher, _ = load_classifier(args.teacher, in_chans=3, default_classes=args.classes, image_size=args.size)
+        source = args.teacher
+    else:
+        teacher, source = create_model(args.arch, num_classes=args.classes), f"random {args.arch}"
+    teacher = freeze(teacher)
+    rows, base = [], None
+    for name in args.methods:
+        method = build(name, teacher, args, accelerator)
+        for _ in range(args.warmup):
+            synthesize_once(method)
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            synthesize_once(method)
+        wall = time.perf_counter() - start
+        per_1k = wall / (args.batch * args.batches) * 1000
+        base = per_1k if name == "deepinversion" else base
+        rows.append((name, method.opts[ITERATIONS[name]], wall / args.batches, per_1k))
+        print(f"{name}: {wall / args.batches:.2f} s per batch of {args.batch}, {per_1k:.1f} s per 1,000 images",
+              flush=True)
+    lines = [f"Synthesis cost, one process, {torch.get_num_threads()} threads (OMP_NUM_THREADS="
+             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), teacher {source}, {args.size}x{args.size}, "
+             f"batch {args.batch}, {args.batches} timed batches per method.", "",
+             "| method | iterations per batch | s per batch | s per 1,000 images | speed-up vs DeepInversion |",
+             "|---|---:|---:|---:|---:|"]
+    for name, iters, per_batch, per_1k in rows:
+        ratio = f"{base / per_1k:.1f}x" if base and name != "deepinversion" else "-"
+        lines.append(f"| {name} | {iters} | {per_batch:.2f} | {per_1k:.1f} | {ratio} |")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
