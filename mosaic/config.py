@@ -83,6 +83,11 @@ DEFAULTS: dict[str, Any] = {
         "num_classes": None,    # class count; from the JSON, else from the test set
         "kwargs": {},           # timm options for a teacher given as a bare state_dict (a JSON checkpoint
                                 #   records its own), e.g. teacher.kwargs.patch_size=4
+        "mean": None,           # per-channel input mean in [0, 1] (data.channels numbers), e.g. [0.485, 0.456, 0.406];
+                                #   null: the teacher's model.json, else a timm model's pretrained_cfg (not for
+                                #   the CIFAR nets here), else the in-domain data set's statistics. The student
+                                #   is normalised the same way
+        "std": None,            # per-channel input std, set together with teacher.mean
     },
     "student": {
         "arch": "resnet18_cifar",  # any timm model name; ViT/Swin/... are built for data.image_size
@@ -301,6 +306,26 @@ def validate(cfg: Mapping) -> None:
                 raise ConfigError(f"'{section}.{key}' is set by mosaic from the task; remove it")
     if not 0.0 <= float(cfg["warmup"]) < 1.0:
         raise ConfigError(f"'warmup' is a fraction of the steps in [0, 1), got {cfg['warmup']!r}")
+    check_teacher_stats(cfg["teacher"], channels=data["channels"])
+
+
+def check_teacher_stats(teacher: Mapping, *, channels: int) -> None:
+    """teacher.mean / teacher.std: both null, or both data.channels numbers (std positive)."""
+    mean, std = teacher["mean"], teacher["std"]
+    if (mean is None) != (std is None):
+        given, missing = ("mean", "std") if std is None else ("std", "mean")
+        raise ConfigError(f"'teacher.{given}' is set but 'teacher.{missing}' is not: give both (or neither)")
+    example = "[0.485, 0.456, 0.406]" if channels == 3 else "[0.5]"
+    for key, value in (("mean", mean), ("std", std)):
+        if value is None:
+            continue
+        numbers = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if not numbers or len(value) != channels:
+            raise ConfigError(f"'teacher.{key}' must be a list of {channels} numbers (one per channel, "
+                              f"data.channels={channels}), got {value!r}; e.g. teacher.{key}={example}")
+    if std is not None and not all(v > 0 for v in std):
+        raise ConfigError(f"'teacher.std' must be positive, got {std!r}")
 
 
 def dump(cfg: Mapping, path: str | Path) -> None:

@@ -20,6 +20,8 @@
 | timm option mosaic sets itself (num_classes)   | error names the key                                 | `reserved_kwarg` |
 | existing run folder                            | refused unless resume=true or overwrite=true; untouched | `test_existing_run_folder_is_left_untouched` |
 | non-finite losses / weights                    | DivergenceError naming player and step (guard)      | `tests/test_reliability.py` |
+| teacher/student checkpoint that does not exist | error names the key and path, before any data is decoded | `tests/test_teacher_norm.py` |
+| teacher.mean/std: wrong length, not a list, only one given, std <= 0 | error names the key, the count, an example | `teacher_mean_length`, `teacher_mean_scalar`, `teacher_std_missing`, `teacher_std_zero` |
 """
 from __future__ import annotations
 
@@ -86,12 +88,22 @@ def _setup(case: str, tiny_task, tiny_teacher, tmp_path) -> tuple[dict, list[str
         return {**o, "batch_size": 0}, ["'batch_size' must be a positive integer", "0"]
     if case == "negative_steps":
         return {**o, "steps": -5}, ["'steps' must be a positive integer", "-5"]
+    if case == "teacher_mean_length":
+        return ({**o, "teacher.mean": "[0.485,0.456]", "teacher.std": "[0.229,0.224,0.225]"},
+                ["'teacher.mean' must be a list of 3 numbers", "[0.485, 0.456]", "teacher.mean=[0.485, 0.456, 0.406]"])
+    if case == "teacher_mean_scalar":
+        return {**o, "teacher.mean": "0.5", "teacher.std": "[0.2,0.2,0.2]"}, ["'teacher.mean' must be a list of 3"]
+    if case == "teacher_std_missing":
+        return {**o, "teacher.mean": "[0.485,0.456,0.406]"}, ["'teacher.mean' is set but 'teacher.std' is not"]
+    if case == "teacher_std_zero":
+        return {**o, "teacher.mean": "[0.5,0.5,0.5]", "teacher.std": "[0.2,0,0.2]"}, ["'teacher.std' must be positive"]
     raise AssertionError(case)
 
 
 CASES = ["unknown_model", "unknown_method", "unknown_key", "teacher_other_arch", "teacher_other_classes",
          "ood_empty", "ood_unreadable", "corrupt_image_error", "labels_outside_teacher", "generator_size",
-         "teacher_image_size", "student_image_size", "student_kwarg", "reserved_kwarg", "zero_batch", "negative_steps"]
+         "teacher_image_size", "student_image_size", "student_kwarg", "reserved_kwarg", "zero_batch", "negative_steps",
+         "teacher_mean_length", "teacher_mean_scalar", "teacher_std_missing", "teacher_std_zero"]
 
 
 @pytest.mark.parametrize("case", CASES)

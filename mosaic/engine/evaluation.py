@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from mosaic.data import ImageSet, load_split
 from mosaic.engine.folder import RunError
-from mosaic.engine.task import check_task, load_teacher
+from mosaic.engine.task import check_checkpoints, check_task, load_teacher
 from mosaic.methods import Context, Method
 from mosaic.models import load_classifier
 
@@ -60,6 +60,7 @@ def evaluate(model_path: str, cfg: dict) -> dict[str, Any]:
 
     if not cfg["data"]["test"]:
         raise RunError("nothing to evaluate on: set data.test=<labelled data set>")
+    check_checkpoints(cfg)
     accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision=cfg["mixed_precision"])
     model, meta = load_classifier(model_path)
     d = cfg["data"]

@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -118,6 +119,10 @@ def train(cfg: dict) -> dict[str, Any]:
     folder = prepare_run_dir(cfg, accelerator)
     if main:
         config_lib.dump(cfg, folder / "config.yaml")
+        # the run starts: how the teacher's (and so the student's) inputs are normalised, and why
+        who = "teacher normalisation" if task.teacher is not None else "normalisation"
+        print(f"{who}: mean={tuple(task.mean)} std={tuple(task.std)} from {task.norm_source}",
+              file=sys.stderr)  # stdout stays the JSON report
 
     guard = Guard.from_config(cfg["guard"], device=device)
     schedulers, players = prepare_players(method, cfg, accelerator, guard=guard)
@@ -218,6 +223,7 @@ def finish(cfg: dict, task: Task, method, accelerator, folder, log: MetricLog,
         "steps": steps, "wall_s": round(wall, 2), "device": device_name(accelerator.device),
         "processes": accelerator.num_processes, "global_batch": task.batch_size * accelerator.num_processes,
         "images": {key: len(images) for key, images in task.sets.items()},
+        "normalisation": {"mean": list(task.mean), "std": list(task.std), "source": task.norm_source},
         **last_eval, "final_losses": log.last_losses(), **method.results(),
     }
     if accelerator.is_main_process:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from mosaic.augment import Augment
 from mosaic.data import ImageSet, load_split
 from mosaic.engine.folder import RunError
 from mosaic.methods import Context
-from mosaic.models import check_forward, create_model, freeze, load_classifier, load_state
+from mosaic.models import check_forward, create_model, freeze, list_cifar_models, load_classifier, load_state
 from mosaic.stream import Stream
 
 
@@ -22,10 +23,21 @@ class Task:
     teacher: nn.Module | None
     teacher_meta: dict
     num_classes: int
-    mean: tuple
+    mean: tuple                     # the normalisation the teacher (and the student) gets
     std: tuple
+    norm_source: str                # where mean/std come from, e.g. "teacher.mean/std"
     batch_size: int                 # per process and stream
     steps: int
+
+
+def check_checkpoints(cfg: dict) -> None:
+    """Teacher and student checkpoints that do not exist, reported before any data set is decoded."""
+    for role in ("teacher", "student"):
+        path = cfg[role]["checkpoint"]
+        if path and not Path(path).exists():
+            hint = " (train one with `mosaic train-teacher`)" if role == "teacher" else ""
+            raise RunError(f"{role}.checkpoint '{path}' not found: give a model.safetensors (with its .json), "
+                           f"a run folder or a state_dict file{hint}")
 
 
 def load_data(cfg: dict, needs: dict[str, int], accelerator) -> dict[str, ImageSet]:
@@ -56,9 +68,8 @@ def load_teacher(cfg: dict, sets: dict[str, ImageSet], *, required: bool) -> tup
     return freeze(model), meta
 
 
-def check_task(cfg: dict, sets: dict[str, ImageSet], teacher_meta: dict, *,
-               same_classes: bool = True) -> tuple[int, tuple, tuple]:
-    """Class count and normalisation of the task; mismatches between teacher and data are errors.
+def check_task(cfg: dict, sets: dict[str, ImageSet], teacher_meta: dict, *, same_classes: bool = True) -> int:
+    """Class count of the task; mismatches between teacher and data are errors.
 
     same_classes=False (Method.same_classes) skips the class checks: the teacher is used for its features only.
     """
@@ -85,12 +96,27 @@ def check_task(cfg: dict, sets: dict[str, ImageSet], teacher_meta: dict, *,
             name = "data.channels" if key == "in_chans" else "data.image_size"
             raise RunError(f"the teacher was trained with {key}={teacher_meta[key]} but {name}={want}: "
                            f"set {name}={teacher_meta[key]}")
+    return num_classes
+
+
+def teacher_normalization(cfg: dict, sets: dict[str, ImageSet], teacher: nn.Module | None,
+                          teacher_meta: dict) -> tuple[tuple, tuple, str]:
+    """The (mean, std) the teacher's inputs get and where they come from, first found of: teacher.mean/std,
+    the teacher's model.json, a timm model's pretrained_cfg (not the CIFAR nets here: their teachers are trained
+    with the data set's statistics), the in-domain data set's statistics."""
+    t, channels = cfg["teacher"], cfg["data"]["channels"]
+    if t["mean"] is not None:
+        return tuple(map(float, t["mean"])), tuple(map(float, t["std"])), "teacher.mean/std"
     if "mean" in teacher_meta:
-        mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
-    else:
-        ref = sets.get("train") or sets.get("test") or sets.get("ood")
-        mean, std = ref.mean, ref.std
-    return num_classes, mean, std
+        return tuple(teacher_meta["mean"]), tuple(teacher_meta["std"]), "the teacher's model.json"
+    arch = str(teacher_meta.get("arch", ""))
+    pretrained = getattr(teacher, "pretrained_cfg", None) or {}
+    if (teacher is not None and arch.split(".")[0] not in list_cifar_models()
+            and len(pretrained.get("mean", ())) == channels and len(pretrained.get("std", ())) == channels):
+        return (tuple(map(float, pretrained["mean"])), tuple(map(float, pretrained["std"])),
+                f"the pretrained_cfg of timm's {arch}")
+    ref = sets.get("train") or sets.get("test") or sets.get("ood")
+    return ref.mean, ref.std, f"the statistics of data set '{ref.name}'"
 
 
 def per_process_batch(cfg: dict, processes: int) -> int:
@@ -106,16 +132,18 @@ def per_process_batch(cfg: dict, processes: int) -> int:
 def setup_task(cfg: dict, needs: dict[str, int], accelerator, *, requires_teacher: bool,
                same_classes: bool = True) -> Task:
     """Load and check everything the run's data and teacher fix; `steps` follows `epochs` when that is set."""
+    check_checkpoints(cfg)
     sets = load_data(cfg, needs, accelerator)
     teacher, teacher_meta = load_teacher(cfg, sets, required=requires_teacher)
-    num_classes, mean, std = check_task(cfg, sets, teacher_meta, same_classes=same_classes)
+    num_classes = check_task(cfg, sets, teacher_meta, same_classes=same_classes)
+    mean, std, norm_source = teacher_normalization(cfg, sets, teacher, teacher_meta)
     batch_size = per_process_batch(cfg, accelerator.num_processes)
     steps = cfg["steps"]
     if cfg["epochs"] is not None and "train" in sets:
         per_step = batch_size * needs["train"] * accelerator.num_processes
         steps = max(1, math.ceil(cfg["epochs"] * len(sets["train"]) / per_step))
     return Task(sets=sets, teacher=teacher, teacher_meta=teacher_meta, num_classes=num_classes, mean=mean,
-                std=std, batch_size=batch_size, steps=steps)
+                std=std, norm_source=norm_source, batch_size=batch_size, steps=steps)
 
 
 def build_student(cfg: dict, num_classes: int, device: torch.device) -> nn.Module:
