@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -47,6 +49,10 @@ DEFAULTS: dict[str, Any] = {
     "keep_ckpts": 2,            # checkpoints kept in run/checkpoints
     "sample_every": 1000,       # steps between sample image grids (0: only at the end)
     "progress": True,           # tqdm progress bar (main process only)
+    "log_with": "tensorboard" if importlib.util.find_spec("tensorboard") else "none",
+                                # experiment trackers (Accelerate's): tensorboard (the default when installed,
+                                #   else none) | wandb | mlflow | aim | comet_ml | clearml | dvclive | ... | all
+                                #   | none, or a list of them; metrics.jsonl is always written
     "sync_bn": False,           # SyncBatchNorm in the trained players when several processes run (see README)
     "global_batch": False,      # true: batch_size is the global batch, split over the processes
     "guard": {                  # divergence guard (mosaic/guard.py)
@@ -326,6 +332,18 @@ def check_teacher_stats(teacher: Mapping, *, channels: int) -> None:
                               f"data.channels={channels}), got {value!r}; e.g. teacher.{key}={example}")
     if std is not None and not all(v > 0 for v in std):
         raise ConfigError(f"'teacher.std' must be positive, got {std!r}")
+
+
+def flatten(cfg: Mapping, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """The config as one level of dotted keys with scalar values (lists and null as JSON), for experiment trackers."""
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in cfg.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            scalar = isinstance(value, (bool, int, float, str))
+            out[f"{prefix}{key}"] = value if scalar else json.dumps(value, default=str)
+    return out
 
 
 def dump(cfg: Mapping, path: str | Path) -> None:

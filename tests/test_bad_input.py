@@ -22,9 +22,11 @@
 | non-finite losses / weights                    | DivergenceError naming player and step (guard)      | `tests/test_reliability.py` |
 | teacher/student checkpoint that does not exist | error names the key and path, before any data is decoded | `tests/test_teacher_norm.py` |
 | teacher.mean/std: wrong length, not a list, only one given, std <= 0 | error names the key, the count, an example | `teacher_mean_length`, `teacher_mean_scalar`, `teacher_std_missing`, `teacher_std_zero` |
+| log_with: unknown tracker, or its package missing | error lists the trackers / says what to install   | `unknown_tracker`, `missing_tracker` |
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import pytest
@@ -97,13 +99,22 @@ def _setup(case: str, tiny_task, tiny_teacher, tmp_path) -> tuple[dict, list[str
         return {**o, "teacher.mean": "[0.485,0.456,0.406]"}, ["'teacher.mean' is set but 'teacher.std' is not"]
     if case == "teacher_std_zero":
         return {**o, "teacher.mean": "[0.5,0.5,0.5]", "teacher.std": "[0.2,0,0.2]"}, ["'teacher.std' must be positive"]
+    if case == "unknown_tracker":
+        return {**o, "log_with": "tensorbord"}, ["log_with='tensorbord' is not a tracker Accelerate knows",
+                                                 "tensorboard", "none"]
+    if case == "missing_tracker":
+        if importlib.util.find_spec("wandb") is not None:
+            pytest.skip("wandb is installed")
+        return {**o, "log_with": "wandb"}, ["log_with=wandb needs the wandb package", "pip install wandb",
+                                            "log_with=none"]
     raise AssertionError(case)
 
 
 CASES = ["unknown_model", "unknown_method", "unknown_key", "teacher_other_arch", "teacher_other_classes",
          "ood_empty", "ood_unreadable", "corrupt_image_error", "labels_outside_teacher", "generator_size",
          "teacher_image_size", "student_image_size", "student_kwarg", "reserved_kwarg", "zero_batch", "negative_steps",
-         "teacher_mean_length", "teacher_mean_scalar", "teacher_std_missing", "teacher_std_zero"]
+         "teacher_mean_length", "teacher_mean_scalar", "teacher_std_missing", "teacher_std_zero", "unknown_tracker",
+         "missing_tracker"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -10,7 +10,7 @@ and its `step`. Data flows one way: config -> data + models -> method -> engine 
     loop.py        train(cfg): the loop, the divergence guard's restores, results.json
     evaluation.py  top-1 / agreement during a run, and `mosaic evaluate`
     folder.py      the run folder, atomic checkpoints, sample grids
-    metrics.py     metrics.jsonl (+ TensorBoard)
+    metrics.py     metrics.jsonl, and the experiment trackers of `log_with` (Accelerate's)
 """
 from mosaic.engine.evaluation import Evaluator, evaluate
 from mosaic.engine.folder import RunError, check_run_dir, checkpoints, run_dir

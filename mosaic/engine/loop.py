@@ -14,9 +14,9 @@ from torch import Tensor
 
 from mosaic import config as config_lib
 from mosaic.engine.evaluation import run_evaluator
-from mosaic.engine.folder import (check_run_dir, checkpoints, load_latest_checkpoint, prepare_run_dir,
+from mosaic.engine.folder import (check_run_dir, checkpoints, load_latest_checkpoint, prepare_run_dir, run_dir,
                                   save_checkpoint, save_grid)
-from mosaic.engine.metrics import MetricLog
+from mosaic.engine.metrics import MetricLog, check_trackers, tracker_names
 from mosaic.engine.players import prepare_players
 from mosaic.engine.schedule import step_schedules
 from mosaic.engine.task import Task, draw_batch, make_context, make_streams, setup_task
@@ -99,19 +99,22 @@ def guard_check(guard: Guard, players: dict, progress: Progress, schedulers: lis
 def train(cfg: dict) -> dict[str, Any]:
     """Run one training job described by a resolved config; returns results.json's content."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     method_cls = get_method(cfg["method"])
     needs = method_cls.stream_needs(cfg.get(cfg["method"], {}))
-    accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision=cfg["mixed_precision"])
+    trackers = check_trackers(cfg["log_with"])
+    project = ProjectConfiguration(project_dir=str(run_dir(cfg)), logging_dir=str(run_dir(cfg) / "tensorboard"))
+    accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision=cfg["mixed_precision"], log_with=trackers or None,
+                              project_config=project)  # the folder is made later; trackers start once it exists
     main, device = accelerator.is_main_process, accelerator.device
     set_seed(cfg["seed"], device_specific=True)  # ranks differ: noise and augmentation are per process
     check_run_dir(cfg)  # refuse early; the folder itself is made once every input has been checked
 
     task = setup_task(cfg, needs, accelerator, requires_teacher=method_cls.requires_teacher,
                       same_classes=method_cls.same_classes)
-    cfg = {**cfg, "steps": task.steps}
+    cfg = {**cfg, "steps": task.steps, "log_with": tracker_names(cfg["log_with"])}
     steps, batch_size, sets = task.steps, task.batch_size, task.sets
     ctx = make_context(cfg, task, accelerator)
     method = method_cls(ctx)
@@ -123,6 +126,7 @@ def train(cfg: dict) -> dict[str, Any]:
         who = "teacher normalisation" if task.teacher is not None else "normalisation"
         print(f"{who}: mean={tuple(task.mean)} std={tuple(task.std)} from {task.norm_source}",
               file=sys.stderr)  # stdout stays the JSON report
+    accelerator.init_trackers(folder.name, config=config_lib.flatten(cfg))
 
     guard = Guard.from_config(cfg["guard"], device=device)
     schedulers, players = prepare_players(method, cfg, accelerator, guard=guard)
@@ -135,7 +139,7 @@ def train(cfg: dict) -> dict[str, Any]:
     for obj in (progress, *schedulers, *streams.values(), method):
         accelerator.register_for_checkpointing(obj)
     resume_step = resume(accelerator, folder, progress) if cfg["resume"] else None
-    log = MetricLog(folder, enabled=main, resume_step=resume_step)
+    log = MetricLog(folder, enabled=main, resume_step=resume_step, accelerator=accelerator)
     if guard.mode == "restore" and not checkpoints(folder):
         save_checkpoint(accelerator, folder, progress.step, cfg["keep_ckpts"])  # something to go back to
 
@@ -182,7 +186,7 @@ def train(cfg: dict) -> dict[str, Any]:
                 save_checkpoint(accelerator, folder, step, cfg["keep_ckpts"])
             if stop.requested:
                 bar.close()
-                log.close()
+                accelerator.end_training()
                 raise SystemExit(f"stopped by signal at step {step}; checkpoint saved, resume with resume=true")
     bar.close()
     results = finish(cfg, task, method, accelerator, folder, log, evaluator, wall=time.time() - t_start)
@@ -191,7 +195,6 @@ def train(cfg: dict) -> dict[str, Any]:
                             "skipped_updates": len(guard.skipped), "first_skips": guard.skipped[:10]}
     if main:
         (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
