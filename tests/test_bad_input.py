@@ -23,6 +23,7 @@
 | teacher/student checkpoint that does not exist | error names the key and path, before any data is decoded | `tests/test_teacher_norm.py` |
 | teacher.mean/std: wrong length, not a list, only one given, std <= 0 | error names the key, the count, an example | `teacher_mean_length`, `teacher_mean_scalar`, `teacher_std_missing`, `teacher_std_zero` |
 | log_with: unknown tracker, or its package missing | error lists the trackers / says what to install   | `unknown_tracker`, `missing_tracker` |
+| a checkpoint write fails (disk full)           | error names folder, free space, the checkpoint resume uses; no .tmp left | `tests/test_reliability.py` |
 """
 from __future__ import annotations
 

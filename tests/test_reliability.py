@@ -231,3 +231,66 @@ def test_guard_off_lets_nan_through(tiny_task, tiny_teacher, tmp_path, monkeypat
     res = train(_resolve(overrides(tiny_task, tmp_path, tiny_teacher, steps=3, name="r",
                                    **{"guard.on_nonfinite": "off"})))
     assert any(v != v for v in res["final_losses"].values())  # the control: without the guard, NaN survives
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def fill_disk_at_second_checkpoint(monkeypatch, kind: str) -> None:
+    """Make the second checkpoint write fail after a partial file, as a full disk does.
+
+    oserror: the write raises OSError(ENOSPC); torch: torch.save (the optimizer's file, after the weights were
+    written) raises the RuntimeError torch's writer gives on a full disk.
+    """
+    import errno
+
+    from accelerate import Accelerator
+    real_save_state, real_torch_save, calls = Accelerator.save_state, torch.save, []
+
+    def torch_save(obj, f, *args, **kwargs):
+        if len(calls) == 2:
+            Path(f).write_bytes(b"PK\x03\x04 half")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+        return real_torch_save(obj, f, *args, **kwargs)
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2 and kind == "oserror":
+            os.makedirs(output_dir, exist_ok=True)
+            Path(output_dir, "model.safetensors").write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    monkeypatch.setattr(torch, "save", torch_save)
+
+
+@pytest.mark.parametrize("kind", ["oserror", "torch"])
+def test_full_disk_at_a_checkpoint_is_one_line_and_resumable(kind, tiny_task, tiny_teacher, tmp_path, monkeypatch,
+                                                             capsys):
+    from mosaic.cli import main
+    common = overrides(tiny_task, tmp_path, tiny_teacher, steps=9, ckpt_every=3)
+    with monkeypatch.context() as patch:
+        fill_disk_at_second_checkpoint(patch, kind)
+        assert main(["distill", *common, "name=run"]) == 2
+    err = cli_stderr(capsys.readouterr().err).splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    folder = tmp_path / "run"
+    for words in (f"could not write checkpoint step_00000006 in '{folder / 'checkpoints'}'",
+                  "GiB free there", "resume=true continues from checkpoint step_00000003"):
+        assert words in err[0], (words, err[0])
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_00000003"]  # no .tmp_ left
+    assert [p.name for p in checkpoints(folder)] == ["step_00000003"]
+    # once there is room: resume=true continues from step 3 and ends where an uninterrupted run ends
+    resumed = train(_resolve([*common, "name=run", "resume=true"]))
+    full = train(_resolve([*common, "name=full"]))
+    assert resumed["final_losses"] == full["final_losses"]
+    assert same_weights(tmp_path / "full", folder)
+
+
+def test_failed_first_checkpoint_says_resume_starts_again(tmp_path):
+    from mosaic.engine.folder import write_failure
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    line = write_failure(tmp_path / "run", "step_00000003", OSError(28, "No space left on device"))
+    assert "could not write checkpoint step_00000003" in line and "No space left on device" in line
+    assert "GiB free there" in line and "resume=true starts again from step 0" in line

@@ -7,6 +7,8 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 
@@ -60,7 +62,17 @@ def save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    failure = None
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch's writer raises RuntimeError on a full disk
+        failure = err
+    failed = torch.tensor(float(failure is not None), device=accelerator.device)
+    if accelerator.reduce(failed, reduction="sum").item():  # every rank stops when one could not write
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        raise RunError(write_failure(folder, final.name, failure))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "DONE").write_text(str(step))
@@ -72,6 +84,21 @@ def save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
             (old / "DONE").unlink()  # first, so a kill mid-delete never leaves a "complete" half
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def write_failure(folder: Path, name: str, err: BaseException | None) -> str:
+    """One line for a checkpoint that could not be written: the cause, the free space, what resume will use."""
+    why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}" if err else "on another process"
+    root = folder / "checkpoints"
+    try:
+        free = f"{shutil.disk_usage(root).free / 2 ** 30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    done = checkpoints(folder)
+    keep = (f"resume=true continues from checkpoint {done[-1].name}" if done else
+            "no checkpoint was written before, so resume=true starts again from step 0")
+    return (f"could not write checkpoint {name} in '{root}' ({why}; {free}); the half-written copy was removed "
+            f"and nothing else is lost: make room, then {keep}")
 
 
 def load_latest_checkpoint(accelerator, folder: Path) -> Path | None:
