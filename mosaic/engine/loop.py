@@ -217,6 +217,7 @@ def finish(cfg: dict, task: Task, method, accelerator, folder, log: MetricLog,
         "method": cfg["method"], "student": s["arch"], "teacher": task.teacher_meta.get("arch"),
         "steps": steps, "wall_s": round(wall, 2), "device": device_name(accelerator.device),
         "processes": accelerator.num_processes, "global_batch": task.batch_size * accelerator.num_processes,
+        **method.budget(),
         "images": {key: len(images) for key, images in task.sets.items()},
         **last_eval, "final_losses": log.last_losses(), **method.results(),
     }
