@@ -45,7 +45,7 @@ from mosaic.config import ConfigError
 from mosaic.losses import balance_loss, entropy, kd_loss, patch_gan_loss
 from mosaic.methods import Context, Method, frozen_bn_stats, no_param_grad, register_method
 from mosaic.players import Generator, PatchDiscriminator
-from mosaic.players.patches import grid_patches, random_patches
+from mosaic.players.patches import grid_offsets, grid_patches, random_patches
 
 
 @register_method("mosaic")
@@ -172,11 +172,21 @@ class MosaicKD(Method):
             held = self._compiled[id(module)] = (module, torch.compile(module))
         return held[1]
 
-    def local_loss(self, logits: Tensor, *, real: bool, images: int) -> Tensor:
-        """The patch-GAN loss of D's maps for `images` images: this run's reduction over each map, then its crops."""
+    @property
+    def crops_per_image(self) -> int:
+        """How many crops of each image D sees: 1 (whole image), the cover grid's count, or `patches`."""
+        o, side = self.opts, self.ctx.image_size
+        if o["patch_size"] is None:
+            return 1
+        if o["patch_layout"] == "cover":
+            return len(grid_offsets(side, o["patch_size"])) ** 2
+        return o["patches"]
+
+    def local_loss(self, logits: Tensor, *, real: bool) -> Tensor:
+        """The patch-GAN loss of D's maps: this run's reduction over each map, then over each image's crops."""
         loss = patch_gan_loss(logits, real=real, reduction=self.opts["local_reduction"])
-        if self.opts["crop_reduction"] == "sum":  # the mean over crops times the crops per image
-            loss = loss * (len(logits) // images)
+        if self.opts["crop_reduction"] == "sum":  # the mean over an image's crops times their number
+            loss = loss * self.crops_per_image
         return loss
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
@@ -192,7 +202,7 @@ class MosaicKD(Method):
         with self._bn_kept(student):
             s_logits = student(x)
         return {
-            "g_local": self.local_loss(disc(self.d_view(fake)), real=True, images=len(fake)),
+            "g_local": self.local_loss(disc(self.d_view(fake)), real=True),
             "g_align": entropy(t_logits),
             "g_balance": balance_loss(t_logits, base=2.0),
             "g_adv": -kd_loss(s_logits, t_logits),
@@ -208,8 +218,7 @@ class MosaicKD(Method):
         fake = self._generate(self.synthetic_batch)
         d_real = D(self.d_view(real))
         d_fake = D(self.d_view(fake.detach()))
-        loss_d = o["lambda_local"] * 0.5 * (self.local_loss(d_real, real=True, images=len(real))
-                                            + self.local_loss(d_fake, real=False, images=len(fake)))
+        loss_d = o["lambda_local"] * 0.5 * (self.local_loss(d_real, real=True) + self.local_loss(d_fake, real=False))
         self.update(loss_d, self.discriminator_opt)
 
         # 2. Generation: mosaic OOD patches into images the teacher finds in-domain and the student gets wrong.
