@@ -143,7 +143,8 @@ class Mix(nn.Module):
             return x
         if self.cutmix is not None:
             out = self.cutmix(x)
-            self.last = {"pairs": self.cutmix._params["mix_pairs"][0], "boxes": self.cutmix._params["crop_src"][0]}
+            params = self.cutmix._params
+            self.last = {"pairs": params["mix_pairs"][0], "boxes": params["crop_src"][0]}
             return out
         n = x.shape[0]
         lam = torch.distributions.Beta(self.alpha, self.alpha).sample((n,))

@@ -1,4 +1,4 @@
-"""Out-of-domain distillation: the reference loop (mosaic_ref), D's real images and crops, function matching, budgets."""
+"""OOD distillation: the reference loop (mosaic_ref), D's real images and crops, function matching, budgets."""
 from __future__ import annotations
 
 import copy

@@ -122,7 +122,8 @@ def setup_task(cfg: dict, needs: dict[str, int], accelerator, *, requires_teache
     batch_size = per_process_batch(cfg, accelerator.num_processes)
     steps = cfg["steps"]
     if cfg["epochs"] is not None and "train" in sets:
-        per_step = batch_size * sum(n for k, n in needs.items() if stream_source(k) == "train") * accelerator.num_processes
+        train_batches = sum(n for key, n in needs.items() if stream_source(key) == "train")
+        per_step = batch_size * train_batches * accelerator.num_processes
         steps = max(1, math.ceil(cfg["epochs"] * len(sets["train"]) / per_step))
     return Task(sets=sets, teacher=teacher, teacher_meta=teacher_meta, num_classes=num_classes, mean=mean,
                 std=std, batch_size=batch_size, steps=steps)
