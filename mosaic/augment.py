@@ -1,4 +1,4 @@
-"""On-device image helpers: uint8 -> float, per-channel normalisation, and crop + flip augmentation (kornia)."""
+"""On-device image helpers: uint8 -> float, per-channel normalisation, crop + flip augmentation and mixing (kornia)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mosaic.config import PADDING_MODES
+from mosaic.config import MIX_MODES, PADDING_MODES
 from mosaic.players.patches import random_patches
 
-__all__ = ["to_float", "normalize", "Augment", "PADDING_MODES"]
+__all__ = ["to_float", "normalize", "Augment", "Mix", "MIX_MODES", "PADDING_MODES"]
 
 
 def to_float(images: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -110,3 +110,49 @@ class Augment(nn.Module):
     def extra_repr(self) -> str:
         options = f"image_size={self.image_size}, padding={self.padding}, flip={self.flip}"
         return f"{options}, padding_mode={self.padding_mode!r}"
+
+
+class Mix(nn.Module):
+    """Function matching's strongly mixed view of a batch (Beyer et al., "Knowledge distillation: A good teacher
+    is patient and consistent", CVPR 2022): each image mixed with a random partner from the same batch.
+
+    Options (keyword-only):
+      mode="none": none (identity, no random draws) | mixup (x_i (1 - lam_i) + x_pi(i) lam_i, lam_i ~ Beta(alpha,
+        alpha), as kornia's RandomMixUpV2 blends, with Beta weights) | cutmix (kornia's RandomCutMixV2: a box of
+        side floor(sqrt(1 - lam) * side), lam ~ Beta(alpha, alpha), pasted from the partner).
+      alpha=1.0: the Beta parameter (1: uniform weights).
+    The caller feeds the one mixed tensor to teacher and student alike; random draws come from torch's global
+    generator, and `last` keeps the latest draw (partners, MixUp weights or CutMix boxes) for inspection.
+    """
+
+    def __init__(self, *, mode: str = "none", alpha: float = 1.0) -> None:
+        super().__init__()
+        import kornia.augmentation as K
+
+        if mode not in MIX_MODES:
+            raise ValueError(f"Mix mode must be one of {', '.join(MIX_MODES)}, got {mode!r}")
+        if not alpha > 0:
+            raise ValueError(f"Mix alpha must be positive, got {alpha!r}")
+        self.mode, self.alpha = mode, float(alpha)
+        self.cutmix = K.RandomCutMixV2(beta=self.alpha, use_correct_lambda=True, p=1.0) if mode == "cutmix" else None
+        self.last: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The mixed view of a batch (N, C, H, W); the batch itself when mode is none or it has one image."""
+        if self.mode == "none" or x.shape[0] < 2:
+            return x
+        if self.cutmix is not None:
+            out = self.cutmix(x)
+            params = self.cutmix._params
+            self.last = {"pairs": params["mix_pairs"][0], "boxes": params["crop_src"][0]}
+            return out
+        n = x.shape[0]
+        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((n,))
+        pairs = torch.randperm(n)
+        self.last = {"pairs": pairs, "lambdas": lam}
+        if x.device.type != "cpu":
+            lam, pairs = lam.to(x.device, non_blocking=True), pairs.to(x.device, non_blocking=True)
+        return torch.lerp(x, x.index_select(0, pairs), lam.to(x.dtype).view(n, 1, 1, 1))
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, alpha={self.alpha}"

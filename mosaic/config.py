@@ -19,6 +19,8 @@ import yaml
 
 # What fills the crop padding of the in-device augmentation (mosaic.augment.Augment implements these).
 PADDING_MODES = ("constant", "reflect", "replicate")
+# Function matching's mixed views (mosaic.augment.Mix implements these).
+MIX_MODES = ("none", "mixup", "cutmix")
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
                                 #   | none, or a list of them; metrics.jsonl is always written
     "sync_bn": False,           # SyncBatchNorm in the trained players when several processes run (see README)
     "global_batch": False,      # true: batch_size is the global batch, split over the processes
+    "mix": "none",              # function matching (Beyer et al. 2022): teacher and student see one strongly mixed
+                                #   view of each student batch: none | mixup | cutmix (methods call ctx.mix)
+    "mix_alpha": 1.0,           # Beta(alpha, alpha) of the mix: MixUp's weight of the partner, CutMix's kept area
     "guard": {                  # divergence guard (mosaic/guard.py)
         "on_nonfinite": "stop", # stop | restore (last checkpoint, lower LR) | skip (drop the update) | off
         "every": 10,            # steps between checks (each check is one host sync)
@@ -286,6 +291,10 @@ def validate(cfg: Mapping) -> None:
                           f"({data['crop_padding']} >= {data['image_size']}); lower the padding or use replicate")
     if data["on_corrupt"] not in ("warn", "error"):
         raise ConfigError(f"'data.on_corrupt' must be warn or error, got {data['on_corrupt']!r}")
+    if cfg["mix"] not in MIX_MODES:
+        raise ConfigError(f"'mix' must be one of {', '.join(MIX_MODES)}, got {cfg['mix']!r}")
+    if isinstance(cfg["mix_alpha"], bool) or not isinstance(cfg["mix_alpha"], (int, float)) or cfg["mix_alpha"] <= 0:
+        raise ConfigError(f"'mix_alpha' must be a positive number (Beta(alpha, alpha)), got {cfg['mix_alpha']!r}")
     if cfg["mixed_precision"] not in ("no", "fp16", "bf16"):
         raise ConfigError(f"'mixed_precision' must be no, fp16 or bf16, got {cfg['mixed_precision']!r}")
     if cfg["schedule"] not in ("cosine", "onecycle", "constant"):

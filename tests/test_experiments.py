@@ -111,9 +111,10 @@ def test_seed_options_name_the_run_folders():
     from suite import SuiteError, load_spec, plan
 
     name, spec = load_spec("cpu-16px-ood1k")  # seed-less, with hand-made -s1 rows: folder names as before
-    assert [r.folder for r in plan(name, spec)] == ["cpu-16px-ood1k-mosaic", "cpu-16px-ood1k-kd_ood",
-                                                    "cpu-16px-ood1k-mosaic-s1", "cpu-16px-ood1k-kd_ood-s1"]
-    assert [r.seed for r in plan(name, spec)] == [None] * 4
+    assert [r.folder for r in plan(name, spec)] == ["cpu-16px-ood1k-mosaic", "cpu-16px-ood1k-mosaic_ref",
+                                                    "cpu-16px-ood1k-kd_ood", "cpu-16px-ood1k-mosaic-s1",
+                                                    "cpu-16px-ood1k-kd_ood-s1"]
+    assert [r.seed for r in plan(name, spec)] == [None] * 5
     for path in sorted((EXP / "suites").glob("*.yaml")):  # every committed suite keeps <suite>-<label>
         name, spec = load_spec(str(path))
         assert [r.folder for r in plan(name, spec)] == [f"{name}-{label}" for label in labels_of(spec)]

@@ -115,10 +115,11 @@ def test_ood_stream_is_label_free():
 
 
 def test_kd_ood_is_kd_on_the_ood_stream_at_temperature_one():
-    """kd_ood = kd with stream=ood, T=1 (alpha plays no part without labels), `ood_batches` updates per step."""
-    assert get_method("kd_ood").stream_needs({"temperature": 1.0, "ood_batches": 3}) == {"ood": 3}
+    """kd_ood = kd with stream=ood, T=1 (alpha plays no part without labels), `student_steps` updates per step."""
+    assert get_method("kd_ood").stream_needs({"temperature": 1.0, "student_steps": 3, "update_batches": 1}) == {"ood": 3}
+    assert get_method("kd_ood").stream_needs({"temperature": 1.0, "student_steps": 3, "update_batches": 2}) == {"ood": 6}
     assert get_method("kd").stream_needs({"stream": "ood", "batches": 3}) == {"ood": 3}
-    a = make("kd_ood", ood_batches=2)
+    a = make("kd_ood", student_steps=2, update_batches=1)
     b = make("kd", stream="ood", temperature=1.0, alpha=0.3, batches=2)
     assert torch.equal(params(a.student), params(b.student))
     x = torch.rand(2 * B, 3, SIZE, SIZE)
@@ -130,8 +131,10 @@ def test_kd_ood_is_kd_on_the_ood_stream_at_temperature_one():
     c.step({"ood": x[:B]}, 0)
     want = kd_loss(c.student(c.ctx.normalize(x[B:])), c.teacher(c.ctx.normalize(x[B:])), temperature=1.0)
     assert out_a["loss_s"].item() == pytest.approx(want.item(), rel=1e-6)
-    with pytest.raises(ConfigError, match="kd_ood.ood_batches must be >= 1"):
-        make("kd_ood", ood_batches=0)
+    with pytest.raises(ConfigError, match="kd_ood.student_steps must be a positive integer"):
+        make("kd_ood", student_steps=0)
+    with pytest.raises(ConfigError, match="kd_ood.update_batches must be a positive integer"):
+        make("kd_ood", update_batches=0)
     with pytest.raises(ConfigError, match="kd.batches must be a positive integer"):
         make("kd", batches=0)
 

@@ -22,7 +22,8 @@ from mosaic.models import create_model
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 IMAGENET_ARGS = {"teacher.mean": "[0.485,0.456,0.406]", "teacher.std": "[0.229,0.224,0.225]"}
-KD_OOD = {"method": "kd_ood", "student.arch": "cnn_tiny", "steps": 1}
+KD_OOD = {"method": "kd_ood", "student.arch": "cnn_tiny", "steps": 1,  # one update on one batch: the loss by hand
+          "kd_ood.student_steps": 1, "kd_ood.update_batches": 1}
 
 
 def bare_teacher(tiny_teacher, folder):

@@ -8,12 +8,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mosaic.augment import Augment
+from mosaic.augment import Augment, Mix
 from mosaic.data import ImageSet, load_split
 from mosaic.engine.folder import RunError
 from mosaic.methods import Context
 from mosaic.models import check_forward, create_model, freeze, list_cifar_models, load_classifier, load_state
 from mosaic.stream import Stream
+
+
+PLAIN = "_plain"  # a stream key "<set>_plain" draws the images of <set> un-augmented (e.g. "ood_plain")
+PLAIN_SEED = 7919  # added to the run's seed: a plain stream shuffles apart from its augmented twin
+
+
+def stream_source(key: str) -> str:
+    """The data set a stream key draws from: "ood_plain" -> "ood", "train" -> "train"."""
+    return key[:-len(PLAIN)] if key.endswith(PLAIN) else key
 
 
 @dataclass
@@ -43,6 +52,7 @@ def check_checkpoints(cfg: dict) -> None:
 def load_data(cfg: dict, needs: dict[str, int], accelerator) -> dict[str, ImageSet]:
     """The data sets the method (its streams) and the evaluation (data.test) need."""
     d = cfg["data"]
+    needs = {stream_source(key): n for key, n in needs.items()}
     if "train" in needs and not d["train"]:
         raise RunError(f"method '{cfg['method']}' trains on labelled in-domain data: set data.train")
     if "ood" in needs and not d["ood"]:
@@ -140,7 +150,8 @@ def setup_task(cfg: dict, needs: dict[str, int], accelerator, *, requires_teache
     batch_size = per_process_batch(cfg, accelerator.num_processes)
     steps = cfg["steps"]
     if cfg["epochs"] is not None and "train" in sets:
-        per_step = batch_size * needs["train"] * accelerator.num_processes
+        train_batches = sum(n for key, n in needs.items() if stream_source(key) == "train")
+        per_step = batch_size * train_batches * accelerator.num_processes
         steps = max(1, math.ceil(cfg["epochs"] * len(sets["train"]) / per_step))
     return Task(sets=sets, teacher=teacher, teacher_meta=teacher_meta, num_classes=num_classes, mean=mean,
                 std=std, norm_source=norm_source, batch_size=batch_size, steps=steps)
@@ -163,14 +174,23 @@ def memory_format(cfg: dict) -> torch.memory_format:
 
 
 def make_streams(cfg: dict, sets: dict[str, ImageSet], needs: dict[str, int], accelerator) -> dict[str, Stream]:
-    """One resumable, augmented, per-process stream on the device for each data set the method draws from."""
+    """One resumable, per-process stream on the device for each stream key the method draws from.
+
+    A key names a data set ("train", "ood"), its images augmented (data.crop_padding, padding_mode, flip);
+    "<set>_plain" draws the same set un-augmented, in its own shuffle (seed + PLAIN_SEED), as a second
+    loader with test-time transforms would.
+    """
     device, d = accelerator.device, cfg["data"]
     augment = Augment.from_config(d, image_size=d["image_size"]).to(device)
+    images = {key: s.images.to(device) for key, s in sets.items() if key in {stream_source(k) for k in needs}}
     labels = {key: s.labels.to(device) if key == "train" and s.labels is not None else None for key, s in sets.items()}
-    return {key: Stream(sets[key].images.to(device), labels[key],
-                        seed=cfg["seed"], rank=accelerator.process_index, world_size=accelerator.num_processes,
-                        augment=augment)
-            for key in needs}
+    streams = {}
+    for key in needs:
+        src, plain = stream_source(key), key.endswith(PLAIN)
+        streams[key] = Stream(images[src], labels[src], seed=cfg["seed"] + (PLAIN_SEED if plain else 0),
+                              rank=accelerator.process_index, world_size=accelerator.num_processes,
+                              augment=None if plain else augment)
+    return streams
 
 
 def make_context(cfg: dict, task: Task, accelerator) -> Context:
@@ -186,7 +206,8 @@ def make_context(cfg: dict, task: Task, accelerator) -> Context:
                    num_classes=task.num_classes,
                    image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"],
                    mean=torch.tensor(task.mean, device=device), std=torch.tensor(task.std, device=device),
-                   device=device, accelerator=accelerator, steps=task.steps, batch_size=task.batch_size)
+                   device=device, accelerator=accelerator, steps=task.steps, batch_size=task.batch_size,
+                   mixer=Mix(mode=cfg["mix"], alpha=cfg["mix_alpha"]) if cfg["mix"] != "none" else None)
 
 
 def draw_batch(streams: dict[str, Stream], needs: dict[str, int], batch_size: int) -> dict[str, torch.Tensor]:

@@ -32,16 +32,19 @@ A complete method (tests/test_engine.py runs this example as written):
 A step must not call `.item()`. Optional hooks (defaults in `Method`): `requires_teacher`
 (False to train without one), `stream_needs(opts)` (needs that depend on options),
 `eval_model()` (the network evaluated and saved), `sample_images(n)` (sample grids),
-`results()` (extra results.json entries), `state_dict` / `load_state_dict` (state beyond
-players and optimizers that a resume needs, such as a synthetic image pool), and
-`lr_lambda(player, schedule)` (a player's own LR schedule). For a student that is no
+`results()` (extra results.json entries), `budget()` (the student's updates and images over
+the run, recorded in results.json: override it when a step makes several student updates or
+its own images), `state_dict` / `load_state_dict` (state beyond players and optimizers that a
+resume needs, such as a synthetic image pool), and `lr_lambda(player, schedule)` (a player's
+own LR schedule). For a student that is no
 classifier of the data's classes (MKD anomaly detection, mosaic/anomaly/method.py):
 `same_classes` (False: the teacher's classes need not be the data's, its features are
 used), `evaluator(test)` (built once from data.test, an ImageSet; returns a function giving
 the metrics logged as eval/<name>; None, the default, means the engine's top-1 / agreement
 of `eval_model()`) and `save(folder)` (extra files for the run folder, written at the end
-by the main process). The Context also predicts
-(`ctx.predict`), loads the test set (`ctx.test_set()`) and loads classifiers
+by the main process). The Context also mixes (`ctx.mix(x)`: the run's function-matching view,
+identity unless `mix` is set; call it on each student batch before the teacher and student
+forwards), predicts (`ctx.predict`), loads the test set (`ctx.test_set()`) and loads classifiers
 (`ctx.load_classifier`). Methods in other packages register through the
 `mosaic_kd.methods` entry point group (see pyproject.toml; `baselines` is one).
 """
@@ -123,6 +126,19 @@ class Method:
     def results(self) -> dict:
         """Extra entries for results.json."""
         return {}
+
+    def budget(self) -> dict[str, int | None]:
+        """What the student trained on over the whole run, all processes together (results.json).
+
+        `student_updates`: student optimizer steps; `student_images`: images summed over those updates.
+        Default: one update per step on every image the step draws from its streams; None for both when the
+        method draws no stream (its images are made, not drawn: override it with its own count).
+        """
+        needs = type(self).stream_needs(self.ctx.opts)
+        if not needs:
+            return {"student_updates": None, "student_images": None}
+        per_step = sum(needs.values()) * self.ctx.batch_size * self.accelerator.num_processes
+        return {"student_updates": self.ctx.steps, "student_images": self.ctx.steps * per_step}
 
     def state_dict(self) -> dict:
         """Method state beyond players and optimizers that a resume needs."""

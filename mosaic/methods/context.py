@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,15 @@ class Context:
     accelerator: Any                # accelerate.Accelerator
     steps: int                      # total training steps of the run
     batch_size: int                 # per process
+    mixer: Callable[[Tensor], Tensor] | None = None  # the run's `mix` (mosaic.augment.Mix); None: identity
+
+    def mix(self, x: Tensor) -> Tensor:
+        """The run's function-matching view of a student batch (config `mix`): feed it to teacher and student alike.
+
+        Identity (and no random draws) when mix=none. Call it once per student update, on the whole batch the
+        student trains on, before both forwards.
+        """
+        return x if self.mixer is None else self.mixer(x)
 
     def normalize(self, x: Tensor) -> Tensor:
         """Map [0, 1] images to the in-domain normalised space the classifiers expect."""

@@ -11,6 +11,17 @@ iteration = 1 D step, 1 G step, then `student_steps` S steps:
         - adv * KL(T(G(z)) || S(G(z)))               # DRO: seek images where T and S disagree
     L_S = T^2 * KL(T(x)/T || S(x)/T),  x = G(z) and OOD images
 
+Where D departs from the reference code (zju-vipa/MosaicKD kd_mosaic.py, re-implemented as the
+`mosaic_ref` method) is an option each: the reference shows D whole images (a PatchGAN map over the
+image; `patch_size=null`), normalised (`d_normalize`), its real ones un-augmented from a shuffle of
+their own (`d_real=plain`); the defaults show D crops of [0, 1] images from the student's augmented
+OOD stream. `patch_layout=cover` (crops on a grid reaching every border) with `crop_reduction=sum`
+gives every pixel a local gradient each step and the local term the reference's weight per image:
+the candidate default the benchmark decides on.
+
+Function matching (`mix`, an engine option): each student update's batch goes through `ctx.mix`
+once and the teacher and the student both see that mixed view.
+
 `student_bn=ood` keeps generated images out of the student's BatchNorm running statistics
 (the ones it is evaluated and deployed with): its forwards on mixed batches and in the G step
 normalise with batch statistics but leave the running ones alone, and one extra no-grad
@@ -34,7 +45,7 @@ from mosaic.config import ConfigError
 from mosaic.losses import balance_loss, entropy, kd_loss, patch_gan_loss
 from mosaic.methods import Context, Method, frozen_bn_stats, no_param_grad, register_method
 from mosaic.players import Generator, PatchDiscriminator
-from mosaic.players.patches import random_patches
+from mosaic.players.patches import grid_offsets, grid_patches, random_patches
 
 
 @register_method("mosaic")
@@ -44,10 +55,19 @@ class MosaicKD(Method):
         "nz": 100,              # noise dimension
         "ngf": 64,              # generator width
         "ndf": 128,             # discriminator width
-        "patch_size": 16,       # side of the random crops the discriminator sees (pixels; <= image size)
-        "patches": 2,           # crops per image for the discriminator
+        "patch_size": 16,       # side of the crops the discriminator sees (pixels; <= image size); null: the whole
+                                #   image, uncropped (the reference code)
+        "patches": 2,           # random crops per image for the discriminator (patch_layout=random)
+        "patch_layout": "random",  # random: `patches` uniform random crops (kornia's RandomCrop draws) | cover: the
+                                #   ceil(side / patch_size)^2 crops of an even grid from border to border, so every
+                                #   pixel is in a crop each step (`patches` unused)
         "lambda_local": 1.0,    # patch GAN term (D and G)
         "local_reduction": "sum",  # sum each crop's logit map (reference code: sum over the map) | mean
+        "crop_reduction": "mean",  # over an image's crops: mean | sum (with cover and local_reduction=sum: the
+                                #   reference's whole-image weight when the crops tile the image)
+        "d_real": "augmented",  # D's real images: augmented (the student's OOD stream, crop padding and flips) |
+                                #   plain (un-augmented pool images from a stream of their own, as the reference)
+        "d_normalize": False,   # D sees images normalised with the in-domain statistics (reference) | [0, 1] images
         "lambda_align": 1.0,    # teacher entropy on generated images
         "lambda_balance": 10.0, # class balance of the teacher's mean prediction
         "lambda_adv": 1.0,      # adversarial (DRO) term
@@ -67,21 +87,28 @@ class MosaicKD(Method):
     }
     players = ("generator", "discriminator", "student")
 
+    @classmethod
+    def resolved(cls, opts: dict) -> dict:
+        """The options the method runs with (a registered configuration, such as mosaic_ref, fixes some)."""
+        return opts
+
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        o = self.opts
+        self.opts = o = self.resolved(ctx.opts)
+        name = self.name
         if ctx.image_size % 4 or ctx.image_size < 8:
             raise ConfigError(f"the MosaicKD generator makes images whose side is a multiple of 4 (>= 8); "
                               f"data.image_size={ctx.image_size} cannot be produced")
-        if not 4 <= o["patch_size"] <= ctx.image_size:
-            raise ConfigError(f"mosaic.patch_size={o['patch_size']} must lie in [4, {ctx.image_size}] "
-                             f"(the image size)")
-        if o["local_reduction"] not in ("sum", "mean"):
-            raise ConfigError(f"mosaic.local_reduction must be sum or mean, got {o['local_reduction']!r}")
-        if o["student_bn"] not in ("mixed", "ood"):
-            raise ConfigError(f"mosaic.student_bn must be mixed or ood, got {o['student_bn']!r}")
+        if o["patch_size"] is not None and not 4 <= o["patch_size"] <= ctx.image_size:
+            raise ConfigError(f"{name}.patch_size={o['patch_size']} must lie in [4, {ctx.image_size}] "
+                              f"(the image size), or be null for whole images")
+        for key, allowed in (("local_reduction", ("sum", "mean")), ("crop_reduction", ("sum", "mean")),
+                             ("patch_layout", ("random", "cover")), ("d_real", ("augmented", "plain")),
+                             ("student_bn", ("mixed", "ood"))):
+            if o[key] not in allowed:
+                raise ConfigError(f"{name}.{key} must be {' or '.join(allowed)}, got {o[key]!r}")
         if o["student_steps"] < 1 or o["patches"] < 1:
-            raise ConfigError("mosaic.student_steps and mosaic.patches must be >= 1")
+            raise ConfigError(f"{name}.student_steps and {name}.patches must be >= 1")
         self.generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size,
                                    channels=ctx.channels).to(ctx.device)
         self.discriminator = PatchDiscriminator(channels=ctx.channels, ndf=o["ndf"]).to(ctx.device)
@@ -97,7 +124,7 @@ class MosaicKD(Method):
                                               nesterov=sc["nesterov"])
         else:
             self.student_opt = self.student_optimizer()
-        self.crop = K.RandomCrop((o["patch_size"], o["patch_size"]))
+        self.crop = K.RandomCrop((o["patch_size"], o["patch_size"])) if o["patch_size"] is not None else None
         self.synthetic_batch = o["synthetic_batch"] or ctx.batch_size
         self._compiled: dict[int, tuple[nn.Module, Callable]] = {}
         batched = o["batch_teacher"]
@@ -105,14 +132,32 @@ class MosaicKD(Method):
 
     @classmethod
     def stream_needs(cls, opts: dict) -> dict[str, int]:
-        """One OOD batch for the discriminator plus one per student step."""
-        return {"ood": 1 + opts["student_steps"]}
+        """One OOD batch per student step, plus the discriminator's: augmented, or un-augmented under d_real=plain."""
+        o = cls.resolved(opts)
+        if o["d_real"] == "plain":
+            return {"ood": o["student_steps"], "ood_plain": 1}
+        return {"ood": 1 + o["student_steps"]}
+
+    def budget(self) -> dict[str, int]:
+        """student_steps updates per step, each on synthetic_batch generated + batch_size OOD images."""
+        updates = self.ctx.steps * self.opts["student_steps"]
+        per_update = (self.synthetic_batch + self.ctx.batch_size) * self.accelerator.num_processes
+        return {"student_updates": updates, "student_images": updates * per_update}
 
     def crops(self, images: Tensor) -> Tensor:
-        """`patches` random patch_size crops of every image, stacked along the batch."""
-        if self.opts["fast_crop"]:
-            return random_patches(images, patch_size=self.opts["patch_size"], copies=self.opts["patches"])
-        return self.crop(repeat(images, "b c h w -> (n b) c h w", n=self.opts["patches"]))
+        """What D sees of each image: its crops (random or cover layout) stacked copy-major, or the image itself."""
+        o = self.opts
+        if o["patch_size"] is None:
+            return images
+        if o["patch_layout"] == "cover":
+            return grid_patches(images, patch_size=o["patch_size"])
+        if o["fast_crop"]:
+            return random_patches(images, patch_size=o["patch_size"], copies=o["patches"])
+        return self.crop(repeat(images, "b c h w -> (n b) c h w", n=o["patches"]))
+
+    def d_view(self, images: Tensor) -> Tensor:
+        """D's input for images in [0, 1]: their crops, normalised first under d_normalize."""
+        return self.crops(self.ctx.normalize(images) if self.opts["d_normalize"] else images)
 
     def run(self, module: nn.Module) -> Callable[..., Tensor]:
         """`module` itself, or its torch.compile'd twin (made once, shares the parameters) under `compile=true`.
@@ -127,9 +172,22 @@ class MosaicKD(Method):
             held = self._compiled[id(module)] = (module, torch.compile(module))
         return held[1]
 
+    @property
+    def crops_per_image(self) -> int:
+        """How many crops of each image D sees: 1 (whole image), the cover grid's count, or `patches`."""
+        o, side = self.opts, self.ctx.image_size
+        if o["patch_size"] is None:
+            return 1
+        if o["patch_layout"] == "cover":
+            return len(grid_offsets(side, o["patch_size"])) ** 2
+        return o["patches"]
+
     def local_loss(self, logits: Tensor, *, real: bool) -> Tensor:
-        """The patch-GAN loss with this run's reduction over each crop's logit map."""
-        return patch_gan_loss(logits, real=real, reduction=self.opts["local_reduction"])
+        """The patch-GAN loss of D's maps: this run's reduction over each map, then over each image's crops."""
+        loss = patch_gan_loss(logits, real=real, reduction=self.opts["local_reduction"])
+        if self.opts["crop_reduction"] == "sum":  # the mean over an image's crops times their number
+            loss = loss * self.crops_per_image
+        return loss
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
         """The four generator terms (unweighted) for generated images in [0, 1].
@@ -144,7 +202,7 @@ class MosaicKD(Method):
         with self._bn_kept(student):
             s_logits = student(x)
         return {
-            "g_local": self.local_loss(disc(self.crops(fake)), real=True),
+            "g_local": self.local_loss(disc(self.d_view(fake)), real=True),
             "g_align": entropy(t_logits),
             "g_balance": balance_loss(t_logits, base=2.0),
             "g_adv": -kd_loss(s_logits, t_logits),
@@ -153,12 +211,13 @@ class MosaicKD(Method):
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         o, B = self.opts, self.ctx.batch_size
         ood = batch["ood"].split(B)
+        real, ood = (batch["ood_plain"], ood) if o["d_real"] == "plain" else (ood[0], ood[1:])
         D, S = self.run(self.discriminator), self.run(self.student)
 
         # 1. Patch discrimination: real OOD crops -> 1, generated crops -> 0.
         fake = self._generate(self.synthetic_batch)
-        d_real = D(self.crops(ood[0]))
-        d_fake = D(self.crops(fake.detach()))
+        d_real = D(self.d_view(real))
+        d_fake = D(self.d_view(fake.detach()))
         loss_d = o["lambda_local"] * 0.5 * (self.local_loss(d_real, real=True) + self.local_loss(d_fake, real=False))
         self.update(loss_d, self.discriminator_opt)
 
@@ -169,41 +228,47 @@ class MosaicKD(Method):
                       + o["lambda_balance"] * g["g_balance"] + o["lambda_adv"] * g["g_adv"])
         self.update(loss_g, self.generator_opt)
 
-        # 3. Distillation on fresh generated images plus OOD images.
-        for x, t_logits in self._distillation_batches(ood[1:]):
+        # 3. Distillation on fresh generated images plus OOD images (one mixed view of them under `mix`).
+        for x, t_logits, ood_x in self._distillation_batches(ood):
             with self._bn_kept(self.student):
                 loss_s = kd_loss(S(x), t_logits, temperature=o["temperature"])
             self.update(loss_s, self.student_opt)
-            if o["student_bn"] == "ood":  # running statistics from the OOD half alone
-                self._track_bn(x[len(x) - B:])
+            if o["student_bn"] == "ood":  # running statistics from the (un-mixed) OOD half alone
+                self._track_bn(ood_x)
 
         out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "loss_s": loss_s.detach()}
         out.update({k: v.detach() for k, v in g.items()})
         return out
 
-    def _distillation_batches(self, ood: Sequence[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
-        """(normalised inputs, teacher logits) of each student step: fresh generated images plus one OOD batch.
+    def _distillation_batches(self, ood: Sequence[Tensor]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(inputs, teacher logits, un-mixed OOD part) of each student step: fresh generated images plus one OOD batch.
 
-        G does not change during the student steps, so under mosaic.batch_teacher every step's
-        images are generated first (in the same order, from the same noise draws) and the frozen
-        teacher, in eval mode, labels them all in one forward.
+        Inputs are normalised and, under `mix`, the one mixed view teacher and student share. G does not
+        change during the student steps, so under mosaic.batch_teacher every step's images are generated
+        (and mixed) first, in the same order from the same random draws, and the frozen teacher, in eval
+        mode, labels them all in one forward.
         """
         teacher = self.run(self.teacher)
         targets = torch.inference_mode if self.opts["inference_mode"] else torch.no_grad
         steps = range(self.opts["student_steps"])
+        B = self.ctx.batch_size
+
+        def inputs(k: int) -> tuple[Tensor, Tensor]:
+            with torch.no_grad():
+                x = self.ctx.normalize(torch.cat([self._generate(self.synthetic_batch), ood[k]]))
+                return self.ctx.mix(x), x[len(x) - B:]
+
         if not self.batch_teacher:
             for k in steps:
-                with torch.no_grad():
-                    x = self.ctx.normalize(torch.cat([self._generate(self.synthetic_batch), ood[k]]))
+                x, ood_x = inputs(k)
                 with targets():
                     t_logits = teacher(x)
-                yield x, t_logits
+                yield x, t_logits, ood_x
             return
-        with torch.no_grad():
-            xs = [self.ctx.normalize(torch.cat([self._generate(self.synthetic_batch), ood[k]])) for k in steps]
+        xs, ood_xs = zip(*(inputs(k) for k in steps))
         with targets():
             t_all = teacher(torch.cat(xs)).split([len(x) for x in xs])
-        yield from zip(xs, t_all)
+        yield from zip(xs, t_all, ood_xs)
 
     @torch.no_grad()
     def _track_bn(self, ood: Tensor) -> None:

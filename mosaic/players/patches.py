@@ -1,4 +1,4 @@
-"""Random square patches of a batch by one gather: the discriminator's crops without a slice per crop.
+"""Square patches of a batch for the discriminator: random ones by one gather, or a grid that covers the image.
 
 The offsets are drawn exactly as kornia's RandomCrop(p=1) draws them (all x starts, then all y
 starts, from torch's global CPU generator), so at equal seed the patches are the very same pixels
@@ -41,3 +41,26 @@ def random_patches(images: Tensor, *, patch_size: int, copies: int = 1) -> Tenso
     index = pixels.view(copies, b, 1, p * p).expand(copies, b, c, p * p)
     source = images.reshape(1, b, c, h * w)  # broadcast over the copies without materialising them
     return torch.take_along_dim(source, index, dim=3).reshape(copies * b, c, p, p)
+
+
+def grid_offsets(size: int, patch_size: int) -> list[int]:
+    """Starts of the fewest patch_size crops, evenly spread from border to border, that cover `size` pixels."""
+    k = -(-size // patch_size)  # ceil
+    if k == 1:
+        return [0]
+    return [round(i * (size - patch_size) / (k - 1)) for i in range(k)]
+
+
+def grid_patches(images: Tensor, *, patch_size: int) -> Tensor:
+    """The grid of patch_size crops that covers every pixel of each image, stacked (crops * B, C, p, p), crop-major.
+
+    ceil(H / p) x ceil(W / p) crops, the first at the top-left corner and the last at the bottom-right one,
+    overlapping evenly when p does not divide the side. Gradients flow back to `images`.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"grid_patches expects a batch (B, C, H, W), got shape {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    p = patch_size
+    if not 1 <= p <= min(h, w):
+        raise ValueError(f"patch_size={p} must lie in [1, {min(h, w)}] for {h}x{w} images")
+    return torch.cat([images[:, :, y:y + p, x:x + p] for y in grid_offsets(h, p) for x in grid_offsets(w, p)])
