@@ -246,3 +246,32 @@ def test_pool_method_resumes_to_identical_weights(method_cls, tiny_task, tiny_te
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "full" / "results.json").exists() and (tmp_path / "full" / "metrics.jsonl").exists()
+
+
+def test_pool_methods_count_their_student_budget():
+    """student updates = KD steps (steps 10 here), each on batch_size pool images."""
+    di = make("deepinversion", pool_size=6, synth_batch=4, di_iters=1)  # 2 synthesis steps, then 8 KD steps
+    assert di.budget() == {"student_updates": 8, "student_images": 8 * B}
+    for name in ("cmi", "fast"):
+        m = make(name, warmup=3, **SMALL)
+        assert m.budget() == {"student_updates": 7, "student_images": 7 * B}, name
+
+
+def test_pool_kd_step_feeds_one_mixed_view_to_teacher_and_student():
+    """Under mix=mixup the teacher and the student see the identical mixed batch (function matching)."""
+    m = make("deepinversion", pool_size=4, synth_batch=4, di_iters=1)
+    m.pool.add(torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8))
+    calls = []
+    m.ctx.mix = lambda x: calls.append(x) or x.flip(0)  # a stand-in mixer that changes the batch
+    seen = {}
+
+    def record(key):
+        def hook(module, inputs):
+            seen.setdefault(key, inputs[0].clone())
+        return hook
+    t_hook = m.teacher.register_forward_pre_hook(record("t"))
+    s_hook = m.student.register_forward_pre_hook(record("s"))
+    m.kd_step()
+    t_hook.remove()
+    s_hook.remove()
+    assert len(calls) == 1 and torch.equal(seen["t"], seen["s"]) and torch.equal(seen["s"], calls[0].flip(0))

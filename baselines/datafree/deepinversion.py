@@ -170,6 +170,10 @@ class DeepInversion(PoolDistillation):
         self.pool.add(images)
         return {f"di_{k}": v for k, v in terms.items()}
 
+    def kd_updates(self) -> int:
+        """Every step after the synthesis steps is one KD step."""
+        return self.ctx.steps - self.synth_steps
+
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         if self.filled < self.opts["pool_size"]:
             return self.synthesis_step()

@@ -147,9 +147,18 @@ class PoolDistillation(Method):
         finally:
             student.train(was_training)
 
+    def kd_updates(self) -> int:
+        """How many KD steps (student updates) the whole run makes."""
+        raise NotImplementedError
+
+    def budget(self) -> dict[str, int]:
+        """One student update of batch_size pool images (per process) per KD step."""
+        n = self.kd_updates()
+        return {"student_updates": n, "student_images": n * self.ctx.batch_size * self.accelerator.num_processes}
+
     def kd_step(self) -> dict[str, Tensor]:
-        """One KD step of the student on an augmented batch from the pool."""
-        x = self.ctx.normalize(self.pool.sample(self.ctx.batch_size))
+        """One KD step of the student on an augmented batch from the pool (mixed under function matching)."""
+        x = self.ctx.mix(self.ctx.normalize(self.pool.sample(self.ctx.batch_size)))
         with torch.no_grad():
             t_logits = self.teacher(x)
         loss_s = kd_loss(self.student(x), t_logits, temperature=self.opts["temperature"])
@@ -203,6 +212,10 @@ class InterleavedSynthesis(PoolDistillation):
         except ValueError as err:
             raise ConfigError(f"{self.name}: {err} (data.image_size)") from None
         self.syntheses = 0
+
+    def kd_updates(self) -> int:
+        """Every step after the warm-up is one KD step."""
+        return self.ctx.steps - self.opts["warmup"]
 
     def synthesis_due(self, step: int) -> bool:
         """Whether engine step `step` starts with a synthesis."""
