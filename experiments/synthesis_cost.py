@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mosaic.config import resolve  # noqa: E402
 from mosaic.methods import Context, get_method, method_defaults  # noqa: E402
 from mosaic.models import create_model, freeze, load_classifier  # noqa: E402
+from mosaic.norms import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10
 METHODS = ("deepinversion", "cmi", "fast")
 ITERATIONS = {"deepinversion": "di_iters", "cmi": "g_steps", "fast": "g_steps"}
 
@@ -49,7 +49,7 @@ def build(name: str, teacher, args, accelerator):
         opts["pool_size"], opts["warmup"], steps = args.batch * (args.batches + args.warmup), 0, 10
     student = create_model("cnn_tiny", num_classes=args.classes)
     ctx = Context(cfg=cfg, opts=opts, teacher=teacher, student=student, num_classes=args.classes,
-                  image_size=args.size, channels=3, mean=torch.tensor(MEAN), std=torch.tensor(STD),
+                  image_size=args.size, channels=3, mean=torch.tensor(CIFAR10_MEAN), std=torch.tensor(CIFAR10_STD),
                   device=torch.device("cpu"), accelerator=accelerator, steps=steps, batch_size=args.batch)
     return get_method(name)(ctx)
 
@@ -64,7 +64,7 @@ def synthesize_once(method) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default="/work/runs-df/demo-teacher/model.safetensors",
+    p.add_argument("--teacher", default="runs/demo-teacher/model.safetensors",
                    help="teacher checkpoint; a random --arch teacher when missing")
     p.add_argument("--arch", default="cnn_small", help="teacher architecture when no checkpoint is given")
     p.add_argument("--classes", type=int, default=10)
