@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from baselines.datafree.common import GeneratorMethod, logits_and_features, make_student_opt
+from baselines.datafree.common import GeneratorMethod, logits_and_features, make_student_opt, require
 from mosaic.losses import activation_loss, balance_loss, kd_loss, onehot_loss
 from mosaic.methods import Context, register_method
+
+README_LR_G, README_BATCH = 0.02, 1024   # DAFL README, CIFAR: --lr_G 0.02 --batch_size 1024
 
 
 @register_method("dafl")
@@ -29,7 +31,9 @@ class DAFL(GeneratorMethod):
     defaults = {
         "nz": 1000,              # noise dimension (DAFL README, CIFAR: --latent_dim 1000)
         "ngf": 64,               # generator width (mosaic's Generator; 64 channels before the output conv, as DAFL)
-        "lr_g": 0.02,            # generator Adam lr (DAFL README, CIFAR: --lr_G 0.02)
+        "lr_g": None,            # generator Adam lr; null: 0.02 x batch_size / 1024 (README: --lr_G 0.02 at batch 1024)
+        "head": "tanh_bn",       # generator output (DAFL-train.py Generator: Tanh, BatchNorm2d(channels, affine=False))
+        "bn_eps": 0.8,           # eps of the hidden-conv BatchNorms (DAFL-train.py: BatchNorm2d(128, 0.8), (64, 0.8))
         "betas": [0.9, 0.999],   # generator Adam betas (DAFL code: torch defaults)
         "lambda_onehot": 1.0,    # one-hot loss weight (DAFL-train.py default --oh 1; README CIFAR-100: 0.5)
         "lambda_act": 0.1,       # activation loss weight (DAFL-train.py default --a 0.1; paper alpha)
@@ -42,9 +46,16 @@ class DAFL(GeneratorMethod):
         super().__init__(ctx)
         self.student_opt = make_student_opt(self.student.parameters(), self.opts, ctx, self.name)
 
+    def generator_lr(self) -> float:
+        """`lr_g`, or when null the README's 0.02 at batch 1024 scaled linearly to this run's batch."""
+        lr = self.opts["lr_g"]
+        require(lr is None or (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0),
+                f"dafl.lr_g must be a positive number or null (0.02 x batch_size / 1024), got {lr!r}")
+        return README_LR_G * self.ctx.batch_size / README_BATCH if lr is None else lr
+
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
-        """The three generator terms (unweighted) and the teacher logits, for images in [0, 1]."""
-        t_logits, t_feat = logits_and_features(self.teacher, self.ctx.normalize(fake))
+        """The three generator terms (unweighted) and the teacher logits, for generator outputs."""
+        t_logits, t_feat = logits_and_features(self.teacher, self.to_classifier(fake))
         return {"g_oh": onehot_loss(t_logits), "g_act": activation_loss(t_feat),
                 "g_ie": balance_loss(t_logits, base=10.0), "t_logits": t_logits}
 
@@ -55,7 +66,7 @@ class DAFL(GeneratorMethod):
         loss_g = o["lambda_onehot"] * g["g_oh"] + o["lambda_act"] * g["g_act"] + o["lambda_ie"] * g["g_ie"]
         self.update(loss_g, self.generator_opt)
 
-        x = self.ctx.normalize(fake.detach())
+        x = self.to_classifier(fake.detach())
         loss_s = kd_loss(self.student(x), g["t_logits"].detach(), temperature=o["temperature"])
         self.update(loss_s, self.student_opt)
         return {"loss_g": loss_g.detach(), "loss_s": loss_s.detach(),
