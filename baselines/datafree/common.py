@@ -137,7 +137,8 @@ class GeneratorMethod(Method):
         require(self.head in HEADS, f"{self.name}.head must be one of {', '.join(HEADS)}, got {self.head!r}")
         bn_eps = o.get("bn_eps", 1e-5)
         require(isinstance(bn_eps, (int, float)) and not isinstance(bn_eps, bool) and bn_eps > 0,
-                f"{self.name}.bn_eps must be a positive number, got {bn_eps!r}")
+                f"{self.name}.bn_eps must be a positive number, got {bn_eps!r}"
+                + (" (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(bn_eps, str) else ""))
         try:
             generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size, channels=ctx.channels,
                                   head=self.head, bn_eps=float(bn_eps))

@@ -12,7 +12,11 @@ step = 1 G step and 1 S step on the same images:
 Weights: the official DAFL-train.py defaults (oh 1, a 0.1, ie 5), which its README uses
 unchanged for CIFAR-10 — the paper's setting, and the code whose log10 the weights refer to.
 For CIFAR-100 the official README changes only --oh to 0.5. (CMI's benchmark script runs
-DAFL with balance 20 on a natural log, i.e. about 46 in these log10 units.)
+DAFL with balance 20 on a natural log, i.e. about 46 in these log10 units. The later copy of
+the README in huawei-noah/Efficient-Computing lists --oh 0.05 --ie 5 --a 0.01 for CIFAR-10.)
+
+Generator: DAFL-train.py's output head (tanh, then BatchNorm2d(C, affine=False)) and eps 0.8
+in its two hidden-conv BatchNorms; its output is the networks' normalised input as it is.
 """
 from __future__ import annotations
 
