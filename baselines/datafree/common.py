@@ -121,7 +121,7 @@ def make_student_opt(params, opts: dict, ctx: Context, section: str) -> torch.op
 class GeneratorMethod(Method):
     """Base of the generator-based baselines: a `mosaic.players.Generator`, its Adam optimizer and sample grids.
 
-    Subclasses read `nz`, `ngf`, `lr_g` (through `generator_lr`), `betas` and `head` (default sigmoid) from
+    Subclasses read `nz`, `ngf`, `lr_g`, `betas` and `head` (default sigmoid) from
     their options, optionally `bn_eps`, and build the student's optimizer. A sigmoid head makes pixels in
     [0, 1] that are normalised for the classifiers; a `tanh_bn` or `bn` head already makes the classifiers'
     normalised input (the original codes feed it straight to the teacher). `to_classifier` and `to_images`
@@ -145,12 +145,8 @@ class GeneratorMethod(Method):
         except ValueError as err:
             raise ConfigError(f"{self.name}: {err} (data.image_size)") from None
         self.generator = generator.to(ctx.device)
-        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=self.generator_lr(),
+        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=o["lr_g"],
                                               betas=tuple(o["betas"]), foreach=True)
-
-    def generator_lr(self) -> float:
-        """The generator's Adam learning rate (`lr_g`); override to derive it from other settings."""
-        return self.opts["lr_g"]
 
     def generate(self, n: int | None = None) -> Tensor:
         """n (default: batch_size) generator outputs from fresh noise (pass them through `to_classifier`)."""
