@@ -111,8 +111,13 @@ def adv_grad(m, z: torch.Tensor) -> torch.Tensor:
     return grads(m.generator)
 
 
+def classifier_input(m, fake: torch.Tensor) -> torch.Tensor:
+    """What teacher and student see: a sigmoid head's pixels normalised, other heads' outputs as they are."""
+    return m.ctx.normalize(fake) if m.opts["head"] == "sigmoid" else fake
+
+
 def hand_adv(name: str, m, fake: torch.Tensor) -> float:
-    x = m.ctx.normalize(fake)
+    x = classifier_input(m, fake)
     t, s = m.teacher(x).double(), m.student(x).double()
     if name == "dfad":
         return -(s - t).abs().mean().item()
@@ -162,9 +167,9 @@ def test_dafl_terms_use_teacher_penultimate_features():
     fake = m.generator(torch.randn(B, m.opts["nz"]))
     g = m.generator_losses(fake)
     t = m.teacher
-    feat = t.forward_features(m.ctx.normalize(fake)).mean(dim=(2, 3))  # cnn_tiny: average-pooled last map
+    feat = t.forward_features(classifier_input(m, fake)).mean(dim=(2, 3))  # cnn_tiny: average-pooled last map
     assert g["g_act"].item() == approx(-feat.abs().mean().item())
-    assert torch.allclose(g["t_logits"], t(m.ctx.normalize(fake)))
+    assert torch.allclose(g["t_logits"], t(classifier_input(m, fake)))
 
 
 def test_dfq_generator_terms_match_hand_computation():
@@ -320,3 +325,66 @@ def test_deepinversion_resume_keeps_the_pool(tiny_task, tiny_teacher, tmp_path, 
     assert resumed["final_losses"] == full["final_losses"]
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- generator heads per method
+
+def test_generator_heads_follow_each_papers_code():
+    heads = {name: method_defaults(name)["head"] for name in ("dafl", "dfad", "zskt", "dfq")}
+    assert heads == {"dafl": "tanh_bn", "dfad": "tanh_bn", "zskt": "bn", "dfq": "sigmoid"}
+    m = make("dafl", **SMALL)
+    assert [x.eps for x in m.generator.body if isinstance(x, nn.BatchNorm2d)] == [1e-5, 0.8, 0.8, 1e-5]
+    with pytest.raises(ConfigError, match="dafl.head must be one of sigmoid, tanh_bn, bn"):
+        make("dafl", head="tanh", **SMALL)
+    with pytest.raises(ConfigError, match="dafl.bn_eps"):
+        make("dafl", bn_eps=-1, **SMALL)
+
+
+@pytest.mark.parametrize("head", ["sigmoid", "tanh_bn", "bn"])
+def test_to_classifier_and_to_images_round_trip(head):
+    m = make("dfad", head=head, **SMALL)
+    mean, std = m.ctx.mean.view(1, -1, 1, 1), m.ctx.std.view(1, -1, 1, 1)
+    images = torch.rand(B, 3, SIZE, SIZE)
+    if head == "sigmoid":  # the generator makes pixels; the classifiers get them normalised
+        assert torch.equal(m.to_images(images), images)
+        assert torch.allclose(m.to_classifier(images), (images - mean) / std)
+    else:                  # the generator makes the classifiers' input; grids get it de-normalised
+        x = (images - mean) / std
+        assert torch.equal(m.to_classifier(x), x)
+        assert torch.allclose(m.to_images(x), images, atol=1e-6)
+        wild = torch.full((1, 3, 2, 2), 50.0)
+        assert torch.equal(m.to_images(wild), torch.ones_like(wild)) and m.to_images(-wild).max() == 0
+    grid = m.sample_images(5)
+    assert grid.shape == (5, 3, SIZE, SIZE) and 0 <= grid.min() and grid.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["zskt", "dfad", "dfq"])
+def test_a_full_step_moves_the_generator_but_never_the_teacher(name):
+    m = make(name, student_steps=1, **SMALL)
+    teacher = copy.deepcopy(m.teacher.state_dict())
+    generator = [p.detach().clone() for p in m.generator.parameters()]
+    losses = m.step({}, 0)
+    assert losses["loss_g"].item() != 0
+    assert all(torch.equal(v, m.teacher.state_dict()[k]) for k, v in teacher.items())
+    assert any(not torch.equal(a, b) for a, b in zip(generator, m.generator.parameters()))
+
+
+def test_dfq_generator_step_runs_the_student_in_eval_mode():
+    m = make("dfq", **SMALL)
+    modes = []
+    m.student.register_forward_pre_hook(lambda mod, inp: modes.append(mod.training))
+    buffers = {k: v.clone() for k, v in m.student.named_buffers()}
+    weights = {k: v.detach().clone() for k, v in m.student.named_parameters()}
+    m.generator_step()
+    assert modes == [False] and m.student.training        # eval for the generator step, train mode restored
+    assert all(torch.equal(v, dict(m.student.named_buffers())[k]) for k, v in buffers.items())  # BN stats kept
+    assert all(torch.equal(v, dict(m.student.named_parameters())[k]) for k, v in weights.items())
+    m.step({}, 1)
+    assert modes[-1] is True                              # KD steps train the student in train mode
+    assert any(not torch.equal(v, dict(m.student.named_buffers())[k]) for k, v in buffers.items())
+
+
+def test_dafl_generator_lr_is_the_readme_value_at_every_batch():
+    lr = lambda m: m.generator_opt.param_groups[0]["lr"]  # noqa: E731
+    assert lr(make("dafl", **SMALL)) == 0.02  # README: --lr_G 0.02 (batch 1024); here batch 4
+    assert lr(make("dafl", lr_g=0.003, **SMALL)) == 0.003

@@ -1,7 +1,8 @@
 """Pieces shared by the data-free baselines: BatchNorm-statistics hooks, the generator player, option checks."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +13,7 @@ from mosaic.losses import batch_stats, bn_stat_distance, bn_stat_loss
 from mosaic.methods import Context, Method, sgd
 from mosaic.models import unwrap_model
 from mosaic.players import Generator
+from mosaic.players.generator import HEADS
 
 
 # ----------------------------------------------------------------------------- BatchNorm statistics
@@ -76,6 +78,19 @@ def logits_and_features(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return net.forward_head(fmap), net.forward_head(fmap, pre_logits=True)
 
 
+# ----------------------------------------------------------------------------- modes
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put `module` in eval mode (BatchNorm uses running statistics and leaves them alone), then restore its mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 # ----------------------------------------------------------------------------- option checks
 
 def require(condition: bool, message: str) -> None:
@@ -106,7 +121,11 @@ def make_student_opt(params, opts: dict, ctx: Context, section: str) -> torch.op
 class GeneratorMethod(Method):
     """Base of the generator-based baselines: a `mosaic.players.Generator`, its Adam optimizer and sample grids.
 
-    Subclasses read `nz`, `ngf`, `lr_g` and `betas` from their options and build the student's optimizer.
+    Subclasses read `nz`, `ngf`, `lr_g`, `betas` and `head` (default sigmoid) from
+    their options, optionally `bn_eps`, and build the student's optimizer. A sigmoid head makes pixels in
+    [0, 1] that are normalised for the classifiers; a `tanh_bn` or `bn` head already makes the classifiers'
+    normalised input (the original codes feed it straight to the teacher). `to_classifier` and `to_images`
+    hide that difference: teacher and student always see `to_classifier(fake)`, grids show `to_images(fake)`.
     """
     players = ("generator", "student")
 
@@ -114,20 +133,39 @@ class GeneratorMethod(Method):
         super().__init__(ctx)
         o = self.opts
         check_positive(self.name, o, "nz", "ngf")
+        self.head = o.get("head", "sigmoid")
+        require(self.head in HEADS, f"{self.name}.head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        bn_eps = o.get("bn_eps", 1e-5)
+        require(isinstance(bn_eps, (int, float)) and not isinstance(bn_eps, bool) and bn_eps > 0,
+                f"{self.name}.bn_eps must be a positive number, got {bn_eps!r}"
+                + (" (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(bn_eps, str) else ""))
         try:
-            generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size, channels=ctx.channels)
+            generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size, channels=ctx.channels,
+                                  head=self.head, bn_eps=float(bn_eps))
         except ValueError as err:
             raise ConfigError(f"{self.name}: {err} (data.image_size)") from None
         self.generator = generator.to(ctx.device)
-        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=o["lr_g"], betas=tuple(o["betas"]),
-                                              foreach=True)
+        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=o["lr_g"],
+                                              betas=tuple(o["betas"]), foreach=True)
 
     def generate(self, n: int | None = None) -> Tensor:
-        """n (default: batch_size) generated images in [0, 1] from fresh noise."""
+        """n (default: batch_size) generator outputs from fresh noise (pass them through `to_classifier`)."""
         z = torch.randn(n or self.ctx.batch_size, self.opts["nz"], device=self.ctx.device)
         return self.generator(z)
+
+    def to_classifier(self, fake: Tensor) -> Tensor:
+        """Generator outputs as teacher/student input: normalised for the sigmoid head, unchanged otherwise."""
+        return self.ctx.normalize(fake) if self.head == "sigmoid" else fake
+
+    def to_images(self, fake: Tensor) -> Tensor:
+        """Generator outputs as images in [0, 1]: unchanged for the sigmoid head, else de-normalised and clamped."""
+        if self.head == "sigmoid":
+            return fake
+        mean = self.ctx.mean.to(fake.device, fake.dtype).view(1, -1, 1, 1)
+        std = self.ctx.std.to(fake.device, fake.dtype).view(1, -1, 1, 1)
+        return (fake * std + mean).clamp(0, 1)
 
     @torch.no_grad()
     def sample_images(self, n: int) -> Tensor:
         """n images from fixed noise, sorted by the teacher's predicted class."""
-        return self.sort_by_teacher(self.accelerator.unwrap_model(self.generator).fixed_samples(n))
+        return self.sort_by_teacher(self.to_images(self.accelerator.unwrap_model(self.generator).fixed_samples(n)))

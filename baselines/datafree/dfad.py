@@ -23,6 +23,7 @@ class DFAD(GeneratorMethod):
     defaults = {
         "nz": 256,               # noise dimension (official DFAD_cifar.py: --nz 256)
         "ngf": 64,               # generator width (official GeneratorA: ngf 64)
+        "head": "tanh_bn",       # generator output (official GeneratorA: Tanh, BatchNorm2d(nc, affine=False))
         "lr_g": 1e-3,            # generator Adam lr (official: --lr_G 1e-3)
         "betas": [0.9, 0.999],   # generator Adam betas (official: torch defaults)
         "student_steps": 5,      # student steps per generator step (official: 5)
@@ -35,14 +36,14 @@ class DFAD(GeneratorMethod):
         self.student_opt = make_student_opt(self.student.parameters(), self.opts, ctx, self.name)
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
-        """The adversarial term -L1(S(x), T(x)) on images in [0, 1]."""
-        x = self.ctx.normalize(fake)
+        """The adversarial term -L1(S(x), T(x)) on generator outputs."""
+        x = self.to_classifier(fake)
         return {"g_adv": -logit_l1(self.student(x), self.teacher(x))}
 
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         for _ in range(self.opts["student_steps"]):
             with torch.no_grad():
-                x = self.ctx.normalize(self.generate())
+                x = self.to_classifier(self.generate())
                 t_logits = self.teacher(x)
             loss_s = logit_l1(self.student(x), t_logits)
             self.update(loss_s, self.student_opt)

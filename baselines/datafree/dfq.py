@@ -12,14 +12,16 @@ One step = 1 G step, then `student_steps` KD steps on fresh generated images:
 Defaults: CMI's script scripts/dfq/dfq_cifar10_wrn402_wrn161.sh (adv 1, bn 1, oh 1,
 balance 20, T 20, lr_g 1e-3, 10 KD steps per generator step) and its GenerativeSynthesizer
 (Adam betas 0.5/0.999, nz 256). Unlike that toolkit's driver, which hands the synthesiser the
-teacher as "student" and so zeroes the adversarial term, the real student is used here.
+teacher as "student" and so zeroes the adversarial term, the real student is used here. As in
+that synthesiser, the student is in eval mode for the generator step (BatchNorm on running
+statistics, which the generator's images do not change); it is back in train mode for KD.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from baselines.datafree.common import BNStatHooks, GeneratorMethod, check_positive, make_student_opt
+from baselines.datafree.common import BNStatHooks, GeneratorMethod, check_positive, eval_mode, make_student_opt
 from mosaic.losses import balance_loss, kd_loss, onehot_loss
 from mosaic.methods import Context, no_param_grad, register_method
 
@@ -30,6 +32,7 @@ class DFQ(GeneratorMethod):
     defaults = {
         "nz": 256,               # noise dimension (CMI datafree_kd.py: nz 256 for dfq)
         "ngf": 64,               # generator width (CMI: Generator ngf 64)
+        "head": "sigmoid",       # generator output (CMI's Generator ends in a sigmoid; its synthesiser normalises)
         "lr_g": 1e-3,            # generator Adam lr (CMI script: --lr_g 1e-3)
         "betas": [0.5, 0.999],   # generator Adam betas (CMI GenerativeSynthesizer)
         "lambda_bn": 1.0,        # BN-statistics weight (CMI script: --bn 1)
@@ -48,25 +51,30 @@ class DFQ(GeneratorMethod):
         self.bn_hooks = BNStatHooks(ctx.teacher)
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
-        """The four generator terms (unweighted) for images in [0, 1]."""
-        x = self.ctx.normalize(fake)
+        """The four generator terms (unweighted) for generator outputs."""
+        x = self.to_classifier(fake)
         with self.bn_hooks:
             t_logits = self.teacher(x)
         s_logits = self.student(x)
         return {"g_bn": self.bn_hooks.loss(), "g_oh": onehot_loss(t_logits), "g_balance": balance_loss(t_logits),
                 "g_adv": -kd_loss(s_logits, t_logits)}
 
-    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+    def generator_step(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """One generator update with the student in eval mode (CMI's synthesiser); its weighted loss and terms."""
         o = self.opts
-        with no_param_grad(self.student):
+        with no_param_grad(self.student), eval_mode(self.student):
             g = self.generator_losses(self.generate())
             loss_g = (o["lambda_bn"] * g["g_bn"] + o["lambda_onehot"] * g["g_oh"]
                       + o["lambda_balance"] * g["g_balance"] + o["lambda_adv"] * g["g_adv"])
-        self.update(loss_g, self.generator_opt)
+            self.update(loss_g, self.generator_opt)
+        return loss_g, g
 
+    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        o = self.opts
+        loss_g, g = self.generator_step()
         for _ in range(o["student_steps"]):
             with torch.no_grad():
-                x = self.ctx.normalize(self.generate())
+                x = self.to_classifier(self.generate())
                 t_logits = self.teacher(x)
             loss_s = kd_loss(self.student(x), t_logits, temperature=o["temperature"])
             self.update(loss_s, self.student_opt)

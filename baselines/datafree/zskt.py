@@ -53,6 +53,7 @@ class ZSKT(GeneratorMethod):
     defaults = {
         "nz": 100,                 # noise dimension (official CIFAR-10 script: --z_dim 100)
         "ngf": 64,                 # generator width (mosaic's Generator, shared by the generator baselines)
+        "head": "bn",              # generator output (official models/generator.py: a final BatchNorm2d(3))
         "lr_g": 1e-3,              # generator Adam lr (official: --generator_learning_rate 1e-3)
         "betas": [0.9, 0.999],     # generator Adam betas (official: torch defaults)
         "student_optimizer": "adam",  # adam (official) | sgd (the config's student section, as CMI's benchmark)
@@ -83,8 +84,8 @@ class ZSKT(GeneratorMethod):
         return kd_loss(s_logits, t_logits, temperature=self.opts["temperature"], reduction="mean")
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
-        """The adversarial term -KL(T || S) on images in [0, 1]; gradients reach G through T and S."""
-        x = self.ctx.normalize(fake)
+        """The adversarial term -KL(T || S) on generator outputs; gradients reach G through T and S."""
+        x = self.to_classifier(fake)
         return {"g_adv": -self.divergence(self.student(x), self.teacher(x))}
 
     def _clip(self, module: nn.Module) -> None:
@@ -103,7 +104,7 @@ class ZSKT(GeneratorMethod):
 
         # The student's batch: the updated generator's images of the same noise, teacher outputs computed once.
         with torch.no_grad(), feature_taps(self.teacher, self.t_layers, detach=True) as t_feats:
-            x = self.ctx.normalize(self.generator(z))
+            x = self.to_classifier(self.generator(z))
             t_logits = self.teacher(x)
         for _ in range(o["student_steps"]):
             with feature_taps(self.student, self.s_layers) as s_feats:

@@ -1,4 +1,10 @@
-"""DCGAN-style generator: noise -> image in [0, 1] (MosaicKD, DAFL, DFAD, ZSKT all use this shape)."""
+"""DCGAN-style generator: noise -> image (MosaicKD, DAFL, DFAD, ZSKT, DFQ all use this shape).
+
+The output head decides what the image is:
+  sigmoid  conv, sigmoid                          -> pixels in [0, 1] (MosaicKD, CMI, Fast)
+  tanh_bn  conv, tanh, BatchNorm2d(C, affine=False) -> already normalised classifier input (DAFL, DFAD)
+  bn       conv, BatchNorm2d(C)                   -> already normalised classifier input (ZSKT)
+"""
 from __future__ import annotations
 
 import copy
@@ -7,30 +13,51 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+HEADS = ("sigmoid", "tanh_bn", "bn")
+
+
+def make_head(head: str, channels: int) -> list[nn.Module]:
+    """The layers after the generator's last conv for `head` (one of HEADS)."""
+    if head == "sigmoid":
+        return [nn.Sigmoid()]
+    if head == "tanh_bn":  # DAFL DAFL-train.py Generator and DFAD GeneratorA: Tanh, BatchNorm2d(C, affine=False)
+        return [nn.Tanh(), nn.BatchNorm2d(channels, affine=False)]
+    if head == "bn":       # ZSKT models/generator.py: a final BatchNorm2d(C, affine=True), no squashing
+        return [nn.BatchNorm2d(channels)]
+    raise ValueError(f"unknown generator head {head!r}: use one of {', '.join(HEADS)}")
+
 
 class Generator(nn.Module):
-    """Linear projection to a 4x-downsampled map, two upsample+conv+BN+LeakyReLU blocks, conv, sigmoid."""
+    """Linear projection to a 4x-downsampled map, two upsample+conv+BN+LeakyReLU blocks, conv, head.
 
-    def __init__(self, *, nz: int = 100, ngf: int = 64, image_size: int = 32, channels: int = 3) -> None:
+    `head` picks the output layers (module docstring); `bn_eps` is the eps of the two BatchNorm layers
+    after the hidden convs (DAFL's code uses 0.8 there; torch's 1e-5 otherwise).
+    """
+
+    def __init__(self, *, nz: int = 100, ngf: int = 64, image_size: int = 32, channels: int = 3,
+                 head: str = "sigmoid", bn_eps: float = 1e-5) -> None:
         super().__init__()
         if image_size % 4 != 0 or image_size < 8:
             raise ValueError(f"the generator makes images whose size is a multiple of 4 (>= 8); "
                              f"image_size={image_size} cannot be produced: use e.g. {max(8, image_size // 4 * 4)}")
-        self.nz, self.image_size, self.channels = nz, image_size, channels
+        if not (isinstance(bn_eps, (int, float)) and not isinstance(bn_eps, bool) and bn_eps > 0):
+            raise ValueError(f"the generator's bn_eps must be a positive number, got {bn_eps!r}")
+        head_layers = make_head(head, channels)
+        self.nz, self.image_size, self.channels, self.head = nz, image_size, channels, head
         self.init_size = image_size // 4
         self.project = nn.Linear(nz, ngf * 4 * self.init_size ** 2)
         self.body = nn.Sequential(
             nn.BatchNorm2d(ngf * 4),
             nn.Upsample(scale_factor=2),
             nn.Conv2d(ngf * 4, ngf * 2, 3, padding=1, bias=False),
-            nn.BatchNorm2d(ngf * 2),
+            nn.BatchNorm2d(ngf * 2, eps=bn_eps),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Upsample(scale_factor=2),
             nn.Conv2d(ngf * 2, ngf, 3, padding=1, bias=False),
-            nn.BatchNorm2d(ngf),
+            nn.BatchNorm2d(ngf, eps=bn_eps),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(ngf, channels, 3, padding=1),
-            nn.Sigmoid(),
+            *head_layers,
         )
 
     def sample_noise(self, n: int, *, device: torch.device | str | None = None) -> Tensor:
@@ -39,7 +66,7 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def fixed_samples(self, n: int) -> Tensor:
-        """n images from fixed noise (seed 0, comparable across steps), made by a copy of this generator.
+        """n outputs (images for the sigmoid head) from fixed noise (seed 0, comparable across steps), made by a copy.
 
         The copy keeps this generator's BatchNorm statistics and the training random stream untouched.
         """
