@@ -388,3 +388,24 @@ def test_dafl_generator_lr_is_the_readme_value_at_every_batch():
     lr = lambda m: m.generator_opt.param_groups[0]["lr"]  # noqa: E731
     assert lr(make("dafl", **SMALL)) == 0.02  # README: --lr_G 0.02 (batch 1024); here batch 4
     assert lr(make("dafl", lr_g=0.003, **SMALL)) == 0.003
+
+
+@pytest.mark.parametrize("name", ["dafl", "dfad", "dfq", "zskt"])
+def test_generator_methods_feed_one_mixed_view_to_teacher_and_student(name):
+    """Under function matching every mixed batch of a step is what both the teacher and the student see."""
+    m = make(name, **SMALL)
+    mixed = []
+    m.ctx.mixer = lambda x: mixed.append(x.flip(0)) or mixed[-1]  # a stand-in mixer that changes the batch
+    seen = {"t": [], "s": []}
+
+    def record(key):
+        def hook(module, inputs):
+            seen[key].append(inputs[0].detach().clone())
+        return hook
+    hooks = [m.teacher.register_forward_pre_hook(record("t")), m.student.register_forward_pre_hook(record("s"))]
+    m.step({}, 0)
+    for h in hooks:
+        h.remove()
+    assert len(mixed) == m.opts.get("student_steps", 1) if name != "zskt" else len(mixed) == 1
+    for x in mixed:
+        assert any(torch.equal(x.detach(), t) for t in seen["t"]) and any(torch.equal(x.detach(), s) for s in seen["s"])

@@ -300,7 +300,9 @@ def test_budgets_are_the_hand_counts():
     # with defaults, MosaicKD and kd_ood give the student the same updates and images
     assert make("mosaic", student_steps=5).budget() == make("kd_ood").budget()
     assert make("supervised").budget() == {"student_updates": 10, "student_images": 40}
-    assert make("dafl").budget() == {"student_updates": None, "student_images": None}  # data-free: not yet counted
+    # data-free generator methods: student_steps updates per step (DAFL 1), each on batch_size generated images
+    assert make("dafl").budget() == {"student_updates": 10, "student_images": 40}
+    assert make("dfad").budget() == {"student_updates": 50, "student_images": 200}
 
 
 def test_kd_ood_defaults_draw_what_the_old_hand_matched_rows_drew():

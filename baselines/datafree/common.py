@@ -148,6 +148,12 @@ class GeneratorMethod(Method):
         self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=o["lr_g"],
                                               betas=tuple(o["betas"]), foreach=True)
 
+    def budget(self) -> dict[str, int]:
+        """`student_steps` (default 1) student updates per step, each on batch_size generated images."""
+        updates = self.ctx.steps * self.opts.get("student_steps", 1)
+        return {"student_updates": updates,
+                "student_images": updates * self.ctx.batch_size * self.accelerator.num_processes}
+
     def generate(self, n: int | None = None) -> Tensor:
         """n (default: batch_size) generator outputs from fresh noise (pass them through `to_classifier`)."""
         z = torch.randn(n or self.ctx.batch_size, self.opts["nz"], device=self.ctx.device)

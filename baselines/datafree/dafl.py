@@ -24,6 +24,7 @@ undoes any scale of the weights, and on the cpu-small shape (batch 64, 500 steps
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from baselines.datafree.common import GeneratorMethod, logits_and_features, make_student_opt
@@ -65,8 +66,12 @@ class DAFL(GeneratorMethod):
         loss_g = o["lambda_onehot"] * g["g_oh"] + o["lambda_act"] * g["g_act"] + o["lambda_ie"] * g["g_ie"]
         self.update(loss_g, self.generator_opt)
 
-        x = self.to_classifier(fake.detach())
-        loss_s = kd_loss(self.student(x), g["t_logits"].detach(), temperature=o["temperature"])
+        x, t_logits = self.to_classifier(fake.detach()), g["t_logits"].detach()
+        if self.ctx.mixer is not None:  # function matching: the teacher sees the student's mixed view
+            x = self.ctx.mix(x)
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+        loss_s = kd_loss(self.student(x), t_logits, temperature=o["temperature"])
         self.update(loss_s, self.student_opt)
         return {"loss_g": loss_g.detach(), "loss_s": loss_s.detach(),
                 **{k: v.detach() for k, v in g.items() if k != "t_logits"}}

@@ -43,7 +43,7 @@ class DFAD(GeneratorMethod):
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         for _ in range(self.opts["student_steps"]):
             with torch.no_grad():
-                x = self.to_classifier(self.generate())
+                x = self.ctx.mix(self.to_classifier(self.generate()))  # one view for teacher and student
                 t_logits = self.teacher(x)
             loss_s = logit_l1(self.student(x), t_logits)
             self.update(loss_s, self.student_opt)

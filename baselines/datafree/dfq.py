@@ -74,7 +74,7 @@ class DFQ(GeneratorMethod):
         loss_g, g = self.generator_step()
         for _ in range(o["student_steps"]):
             with torch.no_grad():
-                x = self.to_classifier(self.generate())
+                x = self.ctx.mix(self.to_classifier(self.generate()))  # one view for teacher and student
                 t_logits = self.teacher(x)
             loss_s = kd_loss(self.student(x), t_logits, temperature=o["temperature"])
             self.update(loss_s, self.student_opt)

@@ -104,7 +104,7 @@ class ZSKT(GeneratorMethod):
 
         # The student's batch: the updated generator's images of the same noise, teacher outputs computed once.
         with torch.no_grad(), feature_taps(self.teacher, self.t_layers, detach=True) as t_feats:
-            x = self.to_classifier(self.generator(z))
+            x = self.ctx.mix(self.to_classifier(self.generator(z)))  # one view for teacher and student
             t_logits = self.teacher(x)
         for _ in range(o["student_steps"]):
             with feature_taps(self.student, self.s_layers) as s_feats:
