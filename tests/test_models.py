@@ -236,6 +236,10 @@ def test_pretrained_download_failure_is_explained(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(ModelError, match="could not be downloaded.*pretrained=false"):
         create_model("resnet18", num_classes=10, pretrained=True)
+    # a hub name is read from the Hub even without pretrained weights: one line as well
+    with pytest.raises(ModelError, match=r"'hf-hub:timm/resnet18.a1_in1k' is read from the Hugging Face Hub, "
+                                         r"which could not be reached \(OSError: .*Name or service not known\)"):
+        create_model("hf-hub:timm/resnet18.a1_in1k", num_classes=10)
 
 
 # ---- freeze ----

@@ -135,6 +135,12 @@ def _explain(e: Exception, name: str, pretrained: bool, kwargs: Dict[str, Any], 
     if isinstance(e, RuntimeError) and "pretrained tag" in text:
         arch = name.split(".", 1)[0]
         return ModelError(f"{text} Drop the '.tag' part or pick one from timm.list_pretrained('{arch}*')")
+    if name.startswith("hf-hub:"):  # timm reads a hub model's config (and weights) from the Hub, pretrained or not
+        first_line = (text.strip().splitlines() or [""])[0][:200]
+        return ModelError(
+            f"'{name}' is read from the Hugging Face Hub, which could not be reached ({type(e).__name__}: "
+            f"{first_line}); connect to the internet once (timm caches it), or use a timm model name and a checkpoint"
+        )
     if pretrained:  # a failed weight download surfaces as many different exception types
         first_line = (text.strip().splitlines() or [""])[0][:200]
         return ModelError(
