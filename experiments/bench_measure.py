@@ -1,0 +1,70 @@
+"""The speed bench's measurements: wall time (interleaved runs), peak memory and FLOPs of one iteration."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (CUDA) so a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(run: Callable[[], None], device: torch.device) -> int:
+    """Peak tensor bytes during one iteration.
+
+    CUDA: torch.cuda.max_memory_allocated (weights and optimizer state included). CPU: the
+    profiler's allocator events; the peak of the running sum of allocations minus frees,
+    i.e. tensor memory above what was already held when the iteration began.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def count_flops(run: Callable[[], None]) -> float | None:
+    """FLOPs of one iteration as torch.utils.flop_counter counts them (convolutions, matmuls), or None."""
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run()
+        return float(counter.get_total_flops())
+    except Exception as err:  # e.g. a compiled graph the counter cannot see through
+        print(f"  (flop count failed: {type(err).__name__}: {err})", file=sys.stderr)
+        return None
+
+
+def time_interleaved(runs: dict[str, Callable[[], None]], device: torch.device, *, reps: int,
+                     warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each run, alternating the runs (order rotated every repetition)."""
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            sync(device)
+            t0 = time.perf_counter()
+            runs[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
