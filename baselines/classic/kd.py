@@ -47,9 +47,8 @@ class KD(StreamMethod):
 
     def budget(self) -> dict[str, int]:
         """`batches` updates per step, each on update_batches x batch_size images."""
-        updates = self.ctx.steps * self.opts.get("batches", 1)
-        per_update = self.opts.get("update_batches", 1) * self.ctx.batch_size * self.accelerator.num_processes
-        return {"student_updates": updates, "student_images": updates * per_update}
+        return self.count_budget(self.ctx.steps * self.opts.get("batches", 1),
+                                 self.opts.get("update_batches", 1) * self.ctx.batch_size)
 
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         x_all, y_all = self.inputs(batch)

@@ -150,9 +150,7 @@ class GeneratorMethod(Method):
 
     def budget(self) -> dict[str, int]:
         """`student_steps` (default 1) student updates per step, each on batch_size generated images."""
-        updates = self.ctx.steps * self.opts.get("student_steps", 1)
-        return {"student_updates": updates,
-                "student_images": updates * self.ctx.batch_size * self.accelerator.num_processes}
+        return self.count_budget(self.ctx.steps * self.opts.get("student_steps", 1), self.ctx.batch_size)
 
     def generate(self, n: int | None = None) -> Tensor:
         """n (default: batch_size) generator outputs from fresh noise (pass them through `to_classifier`)."""

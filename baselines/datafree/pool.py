@@ -153,8 +153,7 @@ class PoolDistillation(Method):
 
     def budget(self) -> dict[str, int]:
         """One student update of batch_size pool images (per process) per KD step."""
-        n = self.kd_updates()
-        return {"student_updates": n, "student_images": n * self.ctx.batch_size * self.accelerator.num_processes}
+        return self.count_budget(self.kd_updates(), self.ctx.batch_size)
 
     def kd_step(self) -> dict[str, Tensor]:
         """One KD step of the student on an augmented batch from the pool (mixed under function matching)."""

@@ -137,8 +137,12 @@ class Method:
         needs = type(self).stream_needs(self.ctx.opts)
         if not needs:
             return {"student_updates": None, "student_images": None}
-        per_step = sum(needs.values()) * self.ctx.batch_size * self.accelerator.num_processes
-        return {"student_updates": self.ctx.steps, "student_images": self.ctx.steps * per_step}
+        return self.count_budget(self.ctx.steps, sum(needs.values()) * self.ctx.batch_size)
+
+    def count_budget(self, updates: int, images_per_update: int) -> dict[str, int]:
+        """`budget()`'s dict for `updates` student updates of `images_per_update` images each, per process."""
+        return {"student_updates": updates,
+                "student_images": updates * images_per_update * self.accelerator.num_processes}
 
     def state_dict(self) -> dict:
         """Method state beyond players and optimizers that a resume needs."""

@@ -140,9 +140,8 @@ class MosaicKD(Method):
 
     def budget(self) -> dict[str, int]:
         """student_steps updates per step, each on synthetic_batch generated + batch_size OOD images."""
-        updates = self.ctx.steps * self.opts["student_steps"]
-        per_update = (self.synthetic_batch + self.ctx.batch_size) * self.accelerator.num_processes
-        return {"student_updates": updates, "student_images": updates * per_update}
+        return self.count_budget(self.ctx.steps * self.opts["student_steps"],
+                                 self.synthetic_batch + self.ctx.batch_size)
 
     def crops(self, images: Tensor) -> Tensor:
         """What D sees of each image: its crops (random or cover layout) stacked copy-major, or the image itself."""
