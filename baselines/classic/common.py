@@ -34,9 +34,9 @@ class StreamMethod(Method):
 
     @classmethod
     def stream_needs(cls, opts: dict) -> dict[str, int]:
-        """`batches` (default 1) batches per step from the chosen stream (`stream`: train | ood)."""
+        """`batches` x `update_batches` (default 1 each) batches per step from the chosen `stream` (train | ood)."""
         o = cls.resolved(opts)
-        return {check_stream(cls.name, o.get("stream", "train")): o.get("batches", 1)}
+        return {check_stream(cls.name, o.get("stream", "train")): o.get("batches", 1) * o.get("update_batches", 1)}
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.classic.common import StreamMethod, check_fraction, check_stream
+from baselines.classic.common import StreamMethod, check_fraction
 from mosaic.config import ConfigError
 from mosaic.losses import hinton_kd
 from mosaic.methods import Context, register_method
@@ -30,12 +30,6 @@ class KD(StreamMethod):
             if isinstance(b, bool) or not isinstance(b, int) or b < 1:
                 raise ConfigError(f"{cls.name}.{key} must be a positive integer, got {b!r}")
         return opts
-
-    @classmethod
-    def stream_needs(cls, opts: dict) -> dict[str, int]:
-        """`batches` x `update_batches` batches per step from the chosen stream."""
-        o = cls.resolved(opts)
-        return {check_stream(cls.name, o.get("stream", "train")): o.get("batches", 1) * o.get("update_batches", 1)}
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
