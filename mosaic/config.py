@@ -79,7 +79,9 @@ DEFAULTS: dict[str, Any] = {
         "train_classes": None,  # keep only these classes of data.train: a name or index, or a list of them
                                 #   (null: all); MKD anomaly detection fits on the normal class this way
         "test_limit": None,     # keep this many test images (class-balanced)
-        "ood_limit": None,      # keep this many OOD images (random subset)
+        "ood_limit": None,      # keep this many OOD images (random subset; class-balanced under ood_classes)
+        "ood_classes": None,    # keep only these class folders of a labelled OOD source (a name or index, or a list),
+                                #   e.g. a pool far from the task's classes; it is still used unlabelled (null: all)
         "ood_select": None,     # keep the N OOD images with the highest teacher entropy (cached per teacher+pool)
         "on_corrupt": "warn",   # unreadable image: warn (skip it) | error
         "cache": True,          # cache decoded images as uint8 tensors
@@ -278,11 +280,12 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError(f"'data.channels' must be 1 or 3, got {data['channels']!r}")
     for key in ("train_limit", "test_limit", "ood_limit", "ood_select"):
         positive(f"data.{key}", data[key], allow_none=True)
-    classes = data["train_classes"]
-    items = classes if isinstance(classes, list) else [classes]
-    if classes is not None and (not items or not all(isinstance(c, (str, int)) and not isinstance(c, bool)
-                                                     for c in items)):
-        raise ConfigError(f"'data.train_classes' must be a class name or index, or a list of them, got {classes!r}")
+    for key in ("train_classes", "ood_classes"):
+        classes = data[key]
+        items = classes if isinstance(classes, list) else [classes]
+        if classes is not None and (not items or not all(isinstance(c, (str, int)) and not isinstance(c, bool)
+                                                         for c in items)):
+            raise ConfigError(f"'data.{key}' must be a class name or index, or a list of them, got {classes!r}")
     if data["padding_mode"] not in PADDING_MODES:
         raise ConfigError(f"'data.padding_mode' must be {', '.join(PADDING_MODES[:-1])} or {PADDING_MODES[-1]}, "
                           f"got {data['padding_mode']!r}")

@@ -266,6 +266,34 @@ def test_train_classes_keep_exactly_that_class(tiny_task):
     assert len(limited) == 5 and set(limited.labels.tolist()) == {1}  # the limit counts images of that class
 
 
+def test_ood_classes_keep_those_class_folders_of_the_pool_unlabelled(tiny_task):
+    """data.ood_classes: a labelled source used as a pool of only those classes (a 'far' pool), still unlabelled."""
+    from mosaic.cli import _resolve
+    from mosaic.config import ConfigError
+    from mosaic.data import DataError, load_split
+
+    def pool(**extra):
+        items = {"data.ood": tiny_task["task"], "data.image_size": 16, "data.cache": False, **extra}
+        return load_split(_resolve([f"{k}={v}" for k, v in items.items()]), "ood")
+
+    labelled = load_split(_resolve([f"data.train={tiny_task['task']}", "data.image_size=16", "data.cache=false"]),
+                          "train")
+    everything = pool()
+    assert everything.labels is None and torch.equal(everything.images, labelled.images)
+    kept = pool(**{"data.ood_classes": "[class_0, 2]"})
+    wanted = torch.isin(labelled.labels, torch.tensor([0, 2]))
+    assert kept.labels is None and kept.classes is None  # used as unlabelled images downstream
+    assert torch.equal(kept.images, labelled.images[wanted])  # exactly those classes' images, in order
+    limited = pool(**{"data.ood_classes": "[class_0, class_2]", "data.ood_limit": 4})
+    assert len(limited) == 4  # the limit counts images of those classes
+    with pytest.raises(DataError, match="has no classes"):  # a flat, unlabelled pool has no class folders
+        pool(**{"data.ood": tiny_task["ood"], "data.ood_classes": "class_0"})
+    with pytest.raises(DataError, match="no class 'dog'.*class_0, class_1, class_2"):
+        pool(**{"data.ood_classes": "dog"})
+    with pytest.raises(ConfigError, match="'data.ood_classes' must be a class name or index"):
+        pool(**{"data.ood_classes": "[]"})
+
+
 def test_unknown_normal_class_is_one_error_line(tiny_task, tiny_teacher, tmp_path, capsys):
     args = ["anomaly", "fit", f"source={tiny_teacher}", f"data={tiny_task['task']}", f"out={tmp_path / 'r'}",
             "cpu=true", "progress=false", "cache=false"]

@@ -84,17 +84,25 @@ def load_image_set(
 def load_split(cfg: dict, key: str, *, image_size: int | None = None, channels: int | None = None) -> ImageSet:
     """Decode (or read from cache) `data.<key>` ("train", "test" or "ood") of a resolved run config.
 
-    For "train", `data.train_classes` keeps only those classes, and `data.train_limit` then counts their images.
+    For "train" and "ood", `data.train_classes` / `data.ood_classes` keep only those classes (the OOD pool is
+    read with its class folders for that, then returned unlabelled), and `data.<key>_limit` then counts their images.
     """
     d = cfg["data"]
     split = "test" if key == "test" else "train"
-    classes = d.get("train_classes") if key == "train" else None
+    classes = d.get(f"{key}_classes") if key in ("train", "ood") else None
     limit = d[f"{key}_limit"]
     images = load_image_set(d[key], split=split, image_size=image_size or d["image_size"],
                             channels=channels or d["channels"], root=d["root"], download=d["download"],
-                            limit=None if classes is not None else limit, labelled=key != "ood",
+                            limit=None if classes is not None else limit,
+                            labelled=key != "ood" or classes is not None,
                             on_corrupt=d["on_corrupt"], cache=d["cache"], seed=cfg["seed"])
-    return images if classes is None else keep_classes(images, classes, limit=limit, seed=cfg["seed"])
+    if classes is None:
+        return images
+    images = keep_classes(images, classes, limit=limit, seed=cfg["seed"])
+    if key == "ood":  # the pool stays unlabelled downstream: only its images are used
+        images = ImageSet(images=images.images, labels=None, classes=None, name=images.name, mean=images.mean,
+                          std=images.std)
+    return images
 
 
 def class_index(images: ImageSet, cls: str | int) -> int:
