@@ -57,6 +57,26 @@ def test_a_tracker_gets_exactly_the_metrics_lines(tiny_task, tiny_teacher, tmp_p
     assert not (folder / "tensorboard").exists()
 
 
+def test_a_run_that_dies_mid_way_still_closes_its_trackers(tiny_task, tiny_teacher, tmp_path, monkeypatch):
+    """A step that raises (divergence, disk full, a bug) ends the trackers before the error goes on up."""
+    from baselines.classic.kd import KD
+
+    real = KD.step
+
+    def step(self, batch, i):
+        if i == 3:
+            raise RuntimeError("boom at step 4")
+        return real(self, batch, i)
+
+    monkeypatch.setattr(KD, "step", step)
+    tracker = MemoryTracker()
+    cfg = _resolve(base_overrides(tiny_task, tmp_path, name="r", teacher=str(tiny_teacher), **KD_OOD))
+    with pytest.raises(RuntimeError, match="boom at step 4"):
+        train({**cfg, "log_with": [tracker]})
+    assert tracker.started and tracker.finished
+    assert [x["step"] for x in tracker.logged] == [2, 3]  # losses at 2, evaluation at 3; nothing after the failure
+
+
 def test_log_with_none_writes_no_tensorboard_folder(tiny_task, tiny_teacher, tmp_path):
     cfg = _resolve(base_overrides(tiny_task, tmp_path, name="r", teacher=str(tiny_teacher), log_with="none",
                                   **KD_OOD))

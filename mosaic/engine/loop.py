@@ -1,13 +1,14 @@
 """The one training loop every method runs on: `train(cfg)` reads top to bottom."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -127,77 +128,86 @@ def train(cfg: dict) -> dict[str, Any]:
         print(f"{who}: mean={tuple(task.mean)} std={tuple(task.std)} from {task.norm_source}",
               file=sys.stderr)  # stdout stays the JSON report
     accelerator.init_trackers(folder.name, config=config_lib.flatten(cfg))
+    with trackers_closed_on_error(accelerator):
+        guard = Guard.from_config(cfg["guard"], device=device)
+        schedulers, players = prepare_players(method, cfg, accelerator, guard=guard)
+        d = cfg["data"]
+        if "ood" in sets and d["ood_select"] and ctx.teacher is not None:
+            sets["ood"] = select_ood(sets["ood"], ctx, keep=d["ood_select"], teacher_file=cfg["teacher"]["checkpoint"],
+                                     batch_size=cfg["eval_batch_size"])
+        streams = make_streams(cfg, sets, needs, accelerator)
+        progress = Progress()
+        for obj in (progress, *schedulers, *streams.values(), method):
+            accelerator.register_for_checkpointing(obj)
+        resume_step = resume(accelerator, folder, progress) if cfg["resume"] else None
+        log = MetricLog(folder, enabled=main, resume_step=resume_step, accelerator=accelerator)
+        if guard.mode == "restore" and not checkpoints(folder):
+            save_checkpoint(accelerator, folder, progress.step, cfg["keep_ckpts"])  # something to go back to
 
-    guard = Guard.from_config(cfg["guard"], device=device)
-    schedulers, players = prepare_players(method, cfg, accelerator, guard=guard)
-    d = cfg["data"]
-    if "ood" in sets and d["ood_select"] and ctx.teacher is not None:
-        sets["ood"] = select_ood(sets["ood"], ctx, keep=d["ood_select"], teacher_file=cfg["teacher"]["checkpoint"],
-                                 batch_size=cfg["eval_batch_size"])
-    streams = make_streams(cfg, sets, needs, accelerator)
-    progress = Progress()
-    for obj in (progress, *schedulers, *streams.values(), method):
-        accelerator.register_for_checkpointing(obj)
-    resume_step = resume(accelerator, folder, progress) if cfg["resume"] else None
-    log = MetricLog(folder, enabled=main, resume_step=resume_step, accelerator=accelerator)
-    if guard.mode == "restore" and not checkpoints(folder):
-        save_checkpoint(accelerator, folder, progress.step, cfg["keep_ckpts"])  # something to go back to
+        def due(every: int, step: int) -> bool:
+            return every > 0 and step % every == 0 and step != steps
 
-    def due(every: int, step: int) -> bool:
-        return every > 0 and step % every == 0 and step != steps
-
-    sums: dict[str, Tensor] = {}
-    count, last_eval, t_start = 0, {}, time.time()
-    bar = tqdm(total=steps, initial=progress.step, disable=not (main and cfg["progress"]), desc=cfg["method"],
-               dynamic_ncols=True)
-    with StopFlag() as stop:
-        while progress.step < steps:
-            batch = draw_batch(streams, needs, batch_size)
-            with accelerator.autocast():
-                losses = method.step(batch, progress.step)
-            step_schedules(schedulers)
-            progress.step += 1
-            step = progress.step
-            guard.observe(losses, step)
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float()
-            count += 1
-            bar.update(1)
-            saving = due(cfg["ckpt_every"], step) or stop.requested
-            if guard.enabled and (step % guard.every == 0 or saving or step == steps) and guard_check(
-                    guard, players, progress, schedulers, log, accelerator, folder, cfg, step):
-                bar.n = progress.step
-                sums, count = {}, 0
-                continue
-            if (cfg["log_every"] and step % cfg["log_every"] == 0) or step == steps:
-                values = {k: float(accelerator.reduce(v / count, reduction="mean").item()) for k, v in sums.items()}
-                if schedulers:
-                    values["lr"] = schedulers[0].get_last_lr()[0]
-                values["elapsed_s"] = round(time.time() - t_start, 3)
-                log.write(step, values)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:4]})
-                sums, count = {}, 0
-            if evaluator is not None and due(cfg["eval_every"], step):
-                last_eval = evaluator()
-                log.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
-            if main and due(cfg["sample_every"], step):
-                save_grid(method.sample_images(64), folder / "samples" / f"step_{step:08d}.png")
-            if saving:
-                save_checkpoint(accelerator, folder, step, cfg["keep_ckpts"])
-            if stop.requested:
-                bar.close()
-                accelerator.end_training()
-                raise SystemExit(f"stopped by signal at step {step}; checkpoint saved, resume with resume=true")
-    bar.close()
-    results = finish(cfg, task, method, accelerator, folder, log, evaluator, wall=time.time() - t_start)
-    if guard.enabled:
-        results["guard"] = {"restores": progress.restores, "lr_scale": progress.lr_scale,
-                            "skipped_updates": len(guard.skipped), "first_skips": guard.skipped[:10]}
-    if main:
-        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    accelerator.wait_for_everyone()
+        sums: dict[str, Tensor] = {}
+        count, last_eval, t_start = 0, {}, time.time()
+        bar = tqdm(total=steps, initial=progress.step, disable=not (main and cfg["progress"]), desc=cfg["method"],
+                   dynamic_ncols=True)
+        with StopFlag() as stop:
+            while progress.step < steps:
+                batch = draw_batch(streams, needs, batch_size)
+                with accelerator.autocast():
+                    losses = method.step(batch, progress.step)
+                step_schedules(schedulers)
+                progress.step += 1
+                step = progress.step
+                guard.observe(losses, step)
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float()
+                count += 1
+                bar.update(1)
+                saving = due(cfg["ckpt_every"], step) or stop.requested
+                if guard.enabled and (step % guard.every == 0 or saving or step == steps) and guard_check(
+                        guard, players, progress, schedulers, log, accelerator, folder, cfg, step):
+                    bar.n = progress.step
+                    sums, count = {}, 0
+                    continue
+                if (cfg["log_every"] and step % cfg["log_every"] == 0) or step == steps:
+                    values = {k: float(accelerator.reduce(v / count, reduction="mean").item()) for k, v in sums.items()}
+                    if schedulers:
+                        values["lr"] = schedulers[0].get_last_lr()[0]
+                    values["elapsed_s"] = round(time.time() - t_start, 3)
+                    log.write(step, values)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:4]})
+                    sums, count = {}, 0
+                if evaluator is not None and due(cfg["eval_every"], step):
+                    last_eval = evaluator()
+                    log.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+                if main and due(cfg["sample_every"], step):
+                    save_grid(method.sample_images(64), folder / "samples" / f"step_{step:08d}.png")
+                if saving:
+                    save_checkpoint(accelerator, folder, step, cfg["keep_ckpts"])
+                if stop.requested:
+                    bar.close()
+                    raise SystemExit(f"stopped by signal at step {step}; checkpoint saved, resume with resume=true")
+        bar.close()
+        results = finish(cfg, task, method, accelerator, folder, log, evaluator, wall=time.time() - t_start)
+        if guard.enabled:
+            results["guard"] = {"restores": progress.restores, "lr_scale": progress.lr_scale,
+                                "skipped_updates": len(guard.skipped), "first_skips": guard.skipped[:10]}
+        if main:
+            (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+@contextlib.contextmanager
+def trackers_closed_on_error(accelerator) -> Iterator[None]:
+    """End the run's trackers (flush and close their files) when the run dies after they started, then re-raise."""
+    try:
+        yield
+    except BaseException:
+        accelerator.end_training()
+        raise
 
 
 def resume(accelerator, folder, progress: Progress) -> int | None:
