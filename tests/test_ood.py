@@ -16,7 +16,7 @@ from mosaic.config import ConfigError, resolve
 from mosaic.engine.task import make_streams
 from mosaic.methods import Context, get_method, method_defaults
 from mosaic.models import create_model, freeze
-from mosaic.players.patches import grid_offsets, grid_patches
+from mosaic.players.patches import grid_offsets, grid_patches, patch_offsets
 
 B, C = 4, 3
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -182,6 +182,31 @@ def test_cover_crops_give_every_pixel_a_local_gradient():
     torch.manual_seed(0)
     d.local_loss(d.discriminator(d.d_view(x)), real=True).backward()
     assert (x.grad.abs().sum(1) == 0).any()
+
+
+def test_default_random_crops_can_reach_every_pixel():
+    """The default (two random 16x16 crops of 32x32): every pixel can get a local gradient, corners rarely.
+
+    A pixel (i, j) lies in the crop at offset (min(i, 16), min(j, 16)); each of the 17 x 17 offsets must be
+    drawable, the four extreme ones included, at 1/289 each (a corner pixel: under 1% of crops).
+    """
+    torch.manual_seed(0)
+    n = 289 * 200
+    y, x = patch_offsets(n, height=32, width=32, patch_size=16)
+    counts = torch.bincount(y * 17 + x, minlength=17 * 17)
+    assert len(counts) == 289 and (counts > 0).all()  # every offset, so every pixel, is reachable
+    share = counts.float() / n
+    assert share[[0, 16, 16 * 17, 16 * 17 + 16]].max() < 0.01  # corner crops: about 1/289 each
+    assert share.mean().item() == pytest.approx(1 / 289) and share.std().item() < 0.5 / 289  # uniform
+    # and through the method: two crops per image and step, each pixel in a crop at least once in a while
+    d = make(size=32)
+    img = torch.rand(2, 3, 32, 32, requires_grad=True)
+    reached = torch.zeros(2, 32, 32, dtype=torch.bool)
+    for _ in range(40):
+        img.grad = None
+        d.local_loss(d.discriminator(d.d_view(img)), real=True).backward()
+        reached |= img.grad.abs().sum(1) > 0
+    assert reached[:, 8:24, 8:24].all() and reached.float().mean() > 0.9  # the centre always, most of the rest
 
 
 def test_crop_reduction_sum_is_the_mean_times_the_crops():
