@@ -11,6 +11,7 @@ folder / tar archive of images, resizes every image to the task's size, and retu
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -100,8 +101,7 @@ def load_split(cfg: dict, key: str, *, image_size: int | None = None, channels: 
         return images
     images = keep_classes(images, classes, limit=limit, seed=cfg["seed"])
     if key == "ood":  # the pool stays unlabelled downstream: only its images are used
-        images = ImageSet(images=images.images, labels=None, classes=None, name=images.name, mean=images.mean,
-                          std=images.std)
+        images = dataclasses.replace(images, labels=None, classes=None)
     return images
 
 
