@@ -38,10 +38,13 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 256,          # images per process per step and data stream
     "resume": False,            # continue from the latest checkpoint in the run folder
     "overwrite": False,         # delete an existing run folder first
-    "mixed_precision": "no",    # no | fp16 | bf16 (Accelerate autocast)
+    "mixed_precision": "auto",  # auto | no | bf16 | fp16: autocast around each network forward (mosaic/precision.py);
+                                #   auto = bf16 on a GPU with native bf16 and on a CPU with AMX / AVX-512 BF16, else
+                                #   fp32 (no); fp16 needs a CUDA GPU (gradient scaler); evaluation always runs in fp32
     "cpu": False,               # force CPU even when a GPU is present
     "compile": False,           # torch.compile the players (MosaicKD also its teacher); minutes to start on CPU
-    "channels_last": False,     # channels-last memory format for players and teacher
+    "channels_last": "auto",    # channels-last memory format for players and teacher: auto (each network that is a
+                                #   convnet: most of its weights in convolutions) | true | false
     "schedule": "cosine",       # learning-rate schedule over `steps`: cosine | onecycle | constant
     "warmup": 0.0,              # fraction of steps with linear warm-up (onecycle uses 0.15 when 0)
     "log_every": 50,            # steps between metric lines in metrics.jsonl
@@ -298,8 +301,10 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError(f"'mix' must be one of {', '.join(MIX_MODES)}, got {cfg['mix']!r}")
     if isinstance(cfg["mix_alpha"], bool) or not isinstance(cfg["mix_alpha"], (int, float)) or cfg["mix_alpha"] <= 0:
         raise ConfigError(f"'mix_alpha' must be a positive number (Beta(alpha, alpha)), got {cfg['mix_alpha']!r}")
-    if cfg["mixed_precision"] not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"'mixed_precision' must be no, fp16 or bf16, got {cfg['mixed_precision']!r}")
+    if cfg["mixed_precision"] not in ("auto", "no", "fp16", "bf16"):
+        raise ConfigError(f"'mixed_precision' must be auto, no, bf16 or fp16, got {cfg['mixed_precision']!r}")
+    if cfg["channels_last"] not in ("auto", True, False):
+        raise ConfigError(f"'channels_last' must be auto, true or false, got {cfg['channels_last']!r}")
     if cfg["schedule"] not in ("cosine", "onecycle", "constant"):
         raise ConfigError(f"'schedule' must be cosine, onecycle or constant, got {cfg['schedule']!r}")
     guard = cfg["guard"]
@@ -358,6 +363,7 @@ def flatten(cfg: Mapping, prefix: str = "") -> dict[str, bool | int | float | st
     return out
 
 
-def dump(cfg: Mapping, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+def dump(cfg: Mapping, path: str | Path, *, header: Iterable[str] = ()) -> None:
+    """Write the resolved config as YAML, after `header` lines as YAML comments (what the run resolved at start)."""
+    comments = "".join(f"# {line}\n" for line in header)
+    Path(path).write_text(comments + yaml.safe_dump(dict(cfg), sort_keys=False))

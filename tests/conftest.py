@@ -61,6 +61,7 @@ def base_overrides(task: dict[str, Path], out_dir: Path, **extra) -> list[str]:
         "data.image_size": 16, "out_dir": str(out_dir), "cpu": True, "progress": False,
         "batch_size": 8, "eval_batch_size": 64, "log_every": 1, "eval_every": 0, "sample_every": 0,
         "ckpt_every": 0, "data.cache": False,
+        "mixed_precision": "no",  # the same numbers on every CPU; tests/test_precision.py covers bf16 and auto
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]

@@ -60,8 +60,9 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def cli_stderr(err: str) -> str:
-    """A CLI run's stderr without the engine's start-up line (the teacher's normalisation, printed there)."""
-    return "\n".join(ln for ln in err.strip().splitlines() if not ln.startswith("teacher normalisation: "))
+    """A CLI run's stderr without the engine's start-up lines (the teacher's normalisation and the precision)."""
+    return "\n".join(ln for ln in err.strip().splitlines()
+                     if not ln.startswith(("teacher normalisation: ", "precision: ")))
 
 
 def final_losses(folder: Path) -> dict:

@@ -213,7 +213,7 @@ class CMI(InterleavedSynthesis):
                 best_loss = torch.minimum(loss.detach(), best_loss)
             opt.zero_grad(set_to_none=True)
             self.head_opt.zero_grad(set_to_none=True)
-            loss.backward()  # generator, noise and head are no players: plain fp32 backward
+            loss.backward()  # generator, noise and head are no players: a backward without gradient scaling
             opt.step()
             self.head_opt.step()
         self.pool.add(best_x)

@@ -14,6 +14,7 @@ from mosaic.methods import Context, Method, sgd
 from mosaic.models import unwrap_model
 from mosaic.players import Generator
 from mosaic.players.generator import HEADS
+from mosaic.precision import autocast_like, to_fp32
 
 
 # ----------------------------------------------------------------------------- BatchNorm statistics
@@ -74,8 +75,9 @@ def logits_and_features(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     if not (hasattr(net, "forward_features") and hasattr(net, "forward_head")):
         raise ConfigError(f"{type(net).__name__} has no forward_features/forward_head (timm API), so its "
                           f"penultimate features are unknown: use a timm or mosaic CIFAR teacher")
-    fmap = net.forward_features(x)
-    return net.forward_head(fmap), net.forward_head(fmap, pre_logits=True)
+    with autocast_like(net):  # the run's per-forward autocast, as net(x) would get
+        fmap = net.forward_features(x)
+        return to_fp32((net.forward_head(fmap), net.forward_head(fmap, pre_logits=True)))
 
 
 # ----------------------------------------------------------------------------- modes

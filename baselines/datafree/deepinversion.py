@@ -149,7 +149,7 @@ class DeepInversion(PoolDistillation):
                 terms = self.synthesis_losses(self.jitter_flip(v), targets)
                 loss = self.weighted(terms)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()  # pixels are no player: plain fp32 backward, no gradient scaling
+                loss.backward()  # pixels are no player: fp32 pixels, a backward without gradient scaling
                 opt.step()
                 with torch.no_grad():
                     v.copy_(torch.clamp(v, self.lo, self.hi))

@@ -149,7 +149,7 @@ class Fast(InterleavedSynthesis):
                 best_x = x.detach() if best_x is None else torch.where(loss < best_loss, x.detach(), best_x)
                 best_loss = torch.minimum(loss.detach(), best_loss)
             opt.zero_grad(set_to_none=True)
-            loss.backward()  # generators and noise are no players: plain fp32 backward
+            loss.backward()  # generators and noise are no players: a backward without gradient scaling
             if o["meta"] == "fomaml":
                 with torch.no_grad():
                     for p, q in zip(self.generator.parameters(), fast.parameters()):

@@ -206,8 +206,9 @@ class InterleavedSynthesis(PoolDistillation):
                                          f"({self.name}.warmup) and KD needs at least one more: raise steps "
                                          f"above {o['warmup']} or lower {self.name}.warmup")
         try:
-            self.generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size,
-                                       channels=ctx.channels).to(ctx.device)
+            # no player (the method optimises it itself), but its forwards autocast as the players' do
+            self.generator = ctx.autocast(Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size,
+                                                    channels=ctx.channels))
         except ValueError as err:
             raise ConfigError(f"{self.name}: {err} (data.image_size)") from None
         self.syntheses = 0

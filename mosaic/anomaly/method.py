@@ -19,6 +19,7 @@ from mosaic.config import ConfigError
 from mosaic.data import ImageSet, class_index
 from mosaic.losses import mkd_loss
 from mosaic.methods import Context, Method, register_method
+from mosaic.precision import full_precision
 
 from .mkd import MKD, pair_with_layers, save_pair_record, score_images
 from .roc import roc_auc
@@ -134,7 +135,8 @@ class MKDFit(Method):
 
         def auroc() -> dict[str, float]:
             was_training = self.pair.cloner.training
-            scores = score_images(self.pair, images, batch_size=batch_size)
+            with full_precision():  # evaluation in fp32 whatever the run's autocast
+                scores = score_images(self.pair, images, batch_size=batch_size)
             self.pair.train(was_training)
             return {"auroc": roc_auc(scores, labels)}
 

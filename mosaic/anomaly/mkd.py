@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from mosaic.augment import normalize, to_float
 from mosaic.losses import mkd_loss
+from mosaic.precision import autocast_like, to_fp32
 from mosaic.models import (CheckpointError, FeatureTaps, ModelError, create_model, feature_info_of, freeze,
                            load_model, resolve_layer, save_model)
 
@@ -116,8 +117,9 @@ class MKD(nn.Module):
     def _run(self, model: nn.Module, taps: FeatureTaps, x: Tensor) -> List[Tensor]:
         """Forward `model` on normalised x and return its tapped features in layer order."""
         forward = getattr(model, "forward_features", model)  # the classifier head is never needed
-        forward(x)
-        feats = [taps.features[layer] for layer in taps.paths]
+        with autocast_like(model):  # the run's per-forward autocast, as model(x) would get
+            forward(x)
+        feats = [to_fp32(taps.features[layer]) for layer in taps.paths]
         taps.clear()
         return feats
 

@@ -61,7 +61,7 @@ def evaluate(model_path: str, cfg: dict) -> dict[str, Any]:
     if not cfg["data"]["test"]:
         raise RunError("nothing to evaluate on: set data.test=<labelled data set>")
     check_checkpoints(cfg)
-    accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision=cfg["mixed_precision"])
+    accelerator = Accelerator(cpu=cfg["cpu"])  # evaluation runs in fp32 (Context.predict)
     model, meta = load_classifier(model_path)
     d = cfg["data"]
     test = load_split(cfg, "test", image_size=meta.get("image_size"), channels=meta.get("in_chans"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ from mosaic.guard import DivergenceError, Guard, scale_learning_rates
 from mosaic.methods import get_method
 from mosaic.models import save_model
 from mosaic.ood_select import select_ood
+from mosaic.precision import Precision, cpu_name, resolve_precision, run_device
 
 
 class Progress:
@@ -107,7 +107,10 @@ def train(cfg: dict) -> dict[str, Any]:
     needs = method_cls.stream_needs(cfg.get(cfg["method"], {}))
     trackers = check_trackers(cfg["log_with"])
     project = ProjectConfiguration(project_dir=str(run_dir(cfg)), logging_dir=str(run_dir(cfg) / "tensorboard"))
-    accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision=cfg["mixed_precision"], log_with=trackers or None,
+    precision = resolve_precision(cfg["mixed_precision"], cfg["channels_last"], run_device(cpu=cfg["cpu"]))
+    # autocast is ours (one block per forward, mosaic/precision.py); Accelerate keeps fp16's gradient scaler
+    accelerator = Accelerator(cpu=cfg["cpu"], mixed_precision="fp16" if precision.mixed_precision == "fp16" else "no",
+                              log_with=trackers or None,
                               project_config=project)  # the folder is made later; trackers start once it exists
     main, device = accelerator.is_main_process, accelerator.device
     set_seed(cfg["seed"], device_specific=True)  # ranks differ: noise and augmentation are per process
@@ -117,16 +120,17 @@ def train(cfg: dict) -> dict[str, Any]:
                       same_classes=method_cls.same_classes)
     cfg = {**cfg, "steps": task.steps, "log_with": tracker_names(cfg["log_with"])}
     steps, batch_size, sets = task.steps, task.batch_size, task.sets
-    ctx = make_context(cfg, task, accelerator)
+    ctx = make_context(cfg, task, accelerator, precision)
     method = method_cls(ctx)
     evaluator = run_evaluator(method, sets.get("test"), ctx, batch_size=cfg["eval_batch_size"])
     folder = prepare_run_dir(cfg, accelerator)
     if main:
-        config_lib.dump(cfg, folder / "config.yaml")
+        config_lib.dump(cfg, folder / "config.yaml", header=precision_header(precision, ctx))
         # the run starts: how the teacher's (and so the student's) inputs are normalised, and why
         who = "teacher normalisation" if task.teacher is not None else "normalisation"
         print(f"{who}: mean={tuple(task.mean)} std={tuple(task.std)} from {task.norm_source}",
               file=sys.stderr)  # stdout stays the JSON report
+        print(precision.summary(), file=sys.stderr)
     accelerator.init_trackers(folder.name, config=config_lib.flatten(cfg))
     with trackers_closed_on_error(accelerator):
         guard = Guard.from_config(cfg["guard"], device=device)
@@ -154,8 +158,7 @@ def train(cfg: dict) -> dict[str, Any]:
         with StopFlag() as stop:
             while progress.step < steps:
                 batch = draw_batch(streams, needs, batch_size)
-                with accelerator.autocast():
-                    losses = method.step(batch, progress.step)
+                losses = method.step(batch, progress.step)  # each network forward autocasts on its own
                 step_schedules(schedulers)
                 progress.step += 1
                 step = progress.step
@@ -239,6 +242,7 @@ def finish(cfg: dict, task: Task, method, accelerator, folder, log: MetricLog,
         "images": {key: len(images) for key, images in task.sets.items()},
         "normalisation": {"mean": list(task.mean), "std": list(task.std), "source": task.norm_source},
         **last_eval, "final_losses": log.last_losses(), **method.results(),
+        "precision": {**method.ctx.precision.record(), "channels_last_networks": channels_last_networks(method)},
     }
     if accelerator.is_main_process:
         labelled = task.sets.get("train") or task.sets.get("test")
@@ -252,8 +256,25 @@ def finish(cfg: dict, task: Task, method, accelerator, folder, log: MetricLog,
     return results
 
 
+def channels_last_networks(method) -> dict[str, bool]:
+    """Which of the run's networks (teacher, players) are in channels-last memory format."""
+    nets = {"teacher": method.ctx.teacher} if method.ctx.teacher is not None else {}
+    nets.update({name: getattr(method, name) for name in method.players})
+    unwrap = method.accelerator.unwrap_model
+    return {name: method.ctx.precision.wants_channels_last(unwrap(net)) for name, net in nets.items()}
+
+
+def precision_header(precision: Precision, ctx) -> list[str]:
+    """config.yaml's first lines: what mixed_precision and channels_last resolved to on this machine, and why."""
+    layout = {name: ctx.precision.wants_channels_last(net) for name, net in
+              (("teacher", ctx.teacher), ("student", ctx.student)) if net is not None}
+    return [f"resolved at start on {precision.device} ({precision.capability}):",
+            f"  mixed_precision={precision.requested} -> {precision.mixed_precision} ({precision.reason})",
+            f"  channels_last={precision.channels_last} -> " + ", ".join(f"{k}: {v}" for k, v in layout.items())]
+
+
 def device_name(device: torch.device) -> str:
     """A readable device name for results tables."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return f"cpu ({os.cpu_count()} cores, {cpu_name()})"

@@ -13,6 +13,7 @@ from mosaic.data import ImageSet, load_split
 from mosaic.engine.folder import RunError
 from mosaic.methods import Context
 from mosaic.models import check_forward, create_model, freeze, list_cifar_models, load_classifier, load_state
+from mosaic.precision import Precision, autocast_forward
 from mosaic.stream import Stream
 
 
@@ -157,7 +158,7 @@ def setup_task(cfg: dict, needs: dict[str, int], accelerator, *, requires_teache
                 std=std, norm_source=norm_source, batch_size=batch_size, steps=steps)
 
 
-def build_student(cfg: dict, num_classes: int, device: torch.device) -> nn.Module:
+def build_student(cfg: dict, num_classes: int, device: torch.device, precision: Precision) -> nn.Module:
     """A fresh student (`student.arch` + `student.kwargs`, from `student.checkpoint` when set), checked, on the device."""
     s, d = cfg["student"], cfg["data"]
     student = create_model(s["arch"], num_classes=num_classes, in_chans=d["channels"], image_size=d["image_size"],
@@ -165,12 +166,18 @@ def build_student(cfg: dict, num_classes: int, device: torch.device) -> nn.Modul
     if s["checkpoint"]:
         load_state(student, s["checkpoint"])
     check_forward(student, role="student", image_size=d["image_size"], channels=d["channels"], num_classes=num_classes)
-    return student.to(device, memory_format=memory_format(cfg))
+    return student.to(device, memory_format=memory_format(student, precision))
 
 
-def memory_format(cfg: dict) -> torch.memory_format:
-    """channels_last when the config asks for it, else the contiguous layout."""
-    return torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+def memory_format(module: nn.Module, precision: Precision) -> torch.memory_format:
+    """channels_last where the run's precision puts `module` in it (channels_last=true, or auto and a convnet)."""
+    return torch.channels_last if precision.wants_channels_last(module) else torch.contiguous_format
+
+
+def prepare_frozen(module: nn.Module, precision: Precision, device: torch.device) -> nn.Module:
+    """A frozen network (teacher) on the device, in its memory format, each forward autocast as the run says."""
+    module = module.to(device, memory_format=memory_format(module, precision))
+    return autocast_forward(module, precision, device.type)
 
 
 def make_streams(cfg: dict, sets: dict[str, ImageSet], needs: dict[str, int], accelerator) -> dict[str, Stream]:
@@ -193,11 +200,11 @@ def make_streams(cfg: dict, sets: dict[str, ImageSet], needs: dict[str, int], ac
     return streams
 
 
-def make_context(cfg: dict, task: Task, accelerator) -> Context:
+def make_context(cfg: dict, task: Task, accelerator, precision: Precision) -> Context:
     """The Context a method is built from: the teacher and a fresh student on the device, the task's shape."""
     device = accelerator.device
-    teacher = task.teacher.to(device, memory_format=memory_format(cfg)) if task.teacher is not None else None
-    student = build_student(cfg, task.num_classes, device)
+    teacher = prepare_frozen(task.teacher, precision, device) if task.teacher is not None else None
+    student = build_student(cfg, task.num_classes, device, precision)
     if teacher is not None:  # both networks must take the task's images: one clear error before the folder exists
         d = cfg["data"]
         check_forward(teacher, role="teacher", image_size=d["image_size"], channels=d["channels"],
@@ -207,7 +214,8 @@ def make_context(cfg: dict, task: Task, accelerator) -> Context:
                    image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"],
                    mean=torch.tensor(task.mean, device=device), std=torch.tensor(task.std, device=device),
                    device=device, accelerator=accelerator, steps=task.steps, batch_size=task.batch_size,
-                   mixer=Mix(mode=cfg["mix"], alpha=cfg["mix_alpha"]) if cfg["mix"] != "none" else None)
+                   mixer=Mix(mode=cfg["mix"], alpha=cfg["mix_alpha"]) if cfg["mix"] != "none" else None,
+                   precision=precision)
 
 
 def draw_batch(streams: dict[str, Stream], needs: dict[str, int], batch_size: int) -> dict[str, torch.Tensor]:

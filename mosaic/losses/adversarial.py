@@ -17,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mosaic.precision import in_fp32
+
 
 # ----------------------------------------------------------------------------- patch GAN (MosaicKD)
 
+@in_fp32
 def patch_gan_loss(logits: Tensor, *, real: bool, reduction: str = "mean") -> Tensor:
     """Binary cross-entropy with logits of a (B, 1, H, W) patch map against an all-real or all-fake target.
 
@@ -61,6 +64,7 @@ def _class_ce(d_out: Tensor, labels: Tensor | None) -> Tensor:
     return F.cross_entropy(d_out[:, 2:].float(), labels)
 
 
+@in_fp32
 def discriminator_loss(d_teacher: Tensor, d_student: Tensor, labels: Tensor | None = None) -> Tensor:
     """D's loss: CE(real) on teacher logits + CE(fake) on student logits (+ class CE on both when conditioned)."""
     _check_outputs(d_teacher, labels)
@@ -69,6 +73,7 @@ def discriminator_loss(d_teacher: Tensor, d_student: Tensor, labels: Tensor | No
     return source + _class_ce(d_teacher, labels) + _class_ce(d_student, labels)
 
 
+@in_fp32
 def student_adversarial_loss(d_student: Tensor, labels: Tensor | None = None) -> Tensor:
     """The student's adversarial loss: D should call its logits real (+ class CE when conditioned)."""
     _check_outputs(d_student, labels)

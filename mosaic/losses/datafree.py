@@ -16,16 +16,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mosaic.losses.response import js_divergence
+from mosaic.precision import in_fp32
 
 
 # ----------------------------------------------------------------------------- teacher-side priors (DAFL, DFQ)
 
+@in_fp32
 def onehot_loss(logits: Tensor) -> Tensor:
     """Cross-entropy of the logits to their own argmax: low when every prediction is one-hot (DAFL L_oh)."""
     logits = logits.float()
     return F.cross_entropy(logits, logits.detach().argmax(dim=1))
 
 
+@in_fp32
 def activation_loss(features: Tensor) -> Tensor:
     """Minus the mean absolute feature value: low when the teacher's features fire strongly (DAFL L_a)."""
     return -features.float().abs().mean()
@@ -33,11 +36,13 @@ def activation_loss(features: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- teacher-student competition (DeepInversion)
 
+@in_fp32
 def competition_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 3.0) -> Tensor:
     """Adaptive DeepInversion's R_compete = 1 - JS(p_T, p_S): low where teacher and student disagree."""
     return 1.0 - js_divergence(teacher_logits, student_logits, temperature=temperature)
 
 
+@in_fp32
 def masked_adversarial_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """-mean_i [argmax s_i == argmax t_i] KL(p_t,i || p_s,i): CMI / Fast's decision-adversarial synthesis term.
 
@@ -53,18 +58,21 @@ def masked_adversarial_kl(student_logits: Tensor, teacher_logits: Tensor) -> Ten
 
 # ----------------------------------------------------------------------------- BatchNorm statistics (DFQ, DeepInversion)
 
+@in_fp32
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of a (B, C, H, W) batch over batch and space."""
     flat = x.float().transpose(0, 1).flatten(1)
     return flat.mean(dim=1), flat.var(dim=1, unbiased=False)
 
 
+@in_fp32
 def bn_stat_distance(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
     """||mean - running_mean||_2 + ||var - running_var||_2 for one BatchNorm layer (DeepInversion's R_feature)."""
     return (torch.linalg.vector_norm(mean.float() - running_mean.float())
             + torch.linalg.vector_norm(var.float() - running_var.float()))
 
 
+@in_fp32
 def bn_stat_loss(distances: Sequence[Tensor], *, first_multiplier: float = 1.0) -> Tensor:
     """Sum of per-layer BN-statistics distances, the first layer's scaled by `first_multiplier`."""
     if len(distances) == 0:
@@ -86,16 +94,19 @@ def _neighbour_differences(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             x[:, :, :-1, :-1] - x[:, :, 1:, 1:])
 
 
+@in_fp32
 def total_variation_l2(x: Tensor) -> Tensor:
     """Sum over the four neighbour directions of the L2 norm of the differences over the whole batch (DI code)."""
     return sum(torch.linalg.vector_norm(d.float()) for d in _neighbour_differences(x))
 
 
+@in_fp32
 def total_variation_l1(x: Tensor) -> Tensor:
     """Sum over the four neighbour directions of the mean absolute difference."""
     return sum(d.float().abs().mean() for d in _neighbour_differences(x))
 
 
+@in_fp32
 def image_l2(x: Tensor) -> Tensor:
     """Mean over the batch of each image's L2 norm (DeepInversion's R_l2 prior)."""
     return torch.linalg.vector_norm(x.float().flatten(1), dim=1).mean()
@@ -103,6 +114,7 @@ def image_l2(x: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- contrastive inversion (CMI)
 
+@in_fp32
 def instance_contrastive_loss(local: Tensor, global_: Tensor, *, temperature: float, batch: int) -> Tensor:
     """CMI's InfoNCE: row i of `local` must pick row i of `global_` (detached) among all rows, at `temperature`.
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mosaic.precision import in_fp32
+
 
 # ----------------------------------------------------------------------------- FitNets
 
@@ -23,6 +25,7 @@ def check_same_shape(student: Tensor, teacher: Tensor, *, what: str) -> None:
                          f"or choose layers of the same size")
 
 
+@in_fp32
 def hint_loss(regressed: Tensor, hint: Tensor) -> Tensor:
     """Mean squared error between the regressor's output on the student layer and the teacher's hint layer.
 
@@ -37,6 +40,7 @@ def hint_loss(regressed: Tensor, hint: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- attention transfer
 
+@in_fp32
 def attention_map(features: Tensor, *, p: float = 2.0) -> Tensor:
     """Q = vec(mean_c |A_c|^p) / ||vec(mean_c |A_c|^p)||_2: the L2-normalised spatial attention, shape (B, H*W)."""
     if features.dim() != 4:
@@ -45,6 +49,7 @@ def attention_map(features: Tensor, *, p: float = 2.0) -> Tensor:
     return F.normalize(a, p=2, dim=1)
 
 
+@in_fp32
 def at_pair_loss(student: Tensor, teacher: Tensor, *, p: float = 2.0) -> Tensor:
     """mean over batch and positions of (Q_s - Q_t)^2 for one layer pair (channel counts may differ)."""
     if student.dim() != 4 or teacher.dim() != 4 or student.shape[0] != teacher.shape[0] \
@@ -55,6 +60,7 @@ def at_pair_loss(student: Tensor, teacher: Tensor, *, p: float = 2.0) -> Tensor:
     return (attention_map(student, p=p) - attention_map(teacher, p=p)).pow(2).mean()
 
 
+@in_fp32
 def attention_transfer(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], *,
                        p: float = 2.0, beta: float = 1000.0) -> Tensor:
     """beta/2 * sum over layer pairs of mean (Q_s - Q_t)^2.
@@ -77,6 +83,7 @@ def attention_transfer(student_feats: Sequence[Tensor], teacher_feats: Sequence[
 NST_KERNELS = ("linear", "poly", "gaussian")
 
 
+@in_fp32
 def channel_vectors(features: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, C, H*W) with every channel's spatial map L2-normalised (one sample per channel)."""
     if features.dim() != 4:
@@ -96,6 +103,7 @@ def _kernel(a: Tensor, b: Tensor, *, kernel: str, sigma2: Tensor | None) -> Tens
     raise ValueError(f"unknown NST kernel '{kernel}': choose one of {', '.join(NST_KERNELS)}")
 
 
+@in_fp32
 def mmd2(student: Tensor, teacher: Tensor, *, kernel: str = "poly", sigma2: float | None = None) -> Tensor:
     """Per-sample MMD^2 between student and teacher channel vectors, shape (B,).
 
@@ -124,6 +132,7 @@ def mmd2(student: Tensor, teacher: Tensor, *, kernel: str = "poly", sigma2: floa
     return k_tt + k_ss - 2 * k_st
 
 
+@in_fp32
 def nst_loss(student: Tensor, teacher: Tensor, *, kernel: str = "poly", weight: float = 50.0,
              sigma2: float | None = None) -> Tensor:
     """weight/2 * batch mean of MMD^2 (Huang & Wang, "Like What You Like", 2017: lambda=50 with the poly kernel).
@@ -151,17 +160,20 @@ def _pairs(source: Sequence[Tensor], cloner: Sequence[Tensor]) -> list[tuple[Ten
     return pairs
 
 
+@in_fp32
 def value_loss(source: Sequence[Tensor], cloner: Sequence[Tensor]) -> Tensor:
     """Per-image sum over layers of the mean squared difference of the activations (the paper's L_val)."""
     return torch.stack([(s - c).pow(2).mean(1) for s, c in _pairs(source, cloner)]).sum(0)
 
 
+@in_fp32
 def direction_loss(source: Sequence[Tensor], cloner: Sequence[Tensor], *, eps: float = 1e-8) -> Tensor:
     """Per-image sum over layers of 1 - cosine similarity of the flattened activations (the paper's L_dir)."""
     terms = [1 - F.cosine_similarity(s, c, dim=1, eps=eps) for s, c in _pairs(source, cloner)]
     return torch.stack(terms).sum(0)
 
 
+@in_fp32
 def mkd_loss(source: Sequence[Tensor], cloner: Sequence[Tensor], *, lambda_dir: float = 0.01) -> Tensor:
     """Per-image total loss L_val + lambda_dir * L_dir (lambda_dir=0.01 is the paper's default)."""
     return value_loss(source, cloner) + lambda_dir * direction_loss(source, cloner)

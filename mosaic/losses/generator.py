@@ -11,13 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mosaic.precision import in_fp32
 
+
+@in_fp32
 def entropy(logits: Tensor) -> Tensor:
     """Mean per-sample entropy (nats) of softmax(logits): low when each prediction is confident."""
     log_p = F.log_softmax(logits.float(), dim=1)
     return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 
+@in_fp32
 def balance_loss(logits: Tensor, *, base: float | None = None) -> Tensor:
     """sum_c pbar_c log pbar_c of the batch-mean softmax pbar: minimal, -log C, when classes are balanced.
 

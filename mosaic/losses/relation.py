@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mosaic.precision import in_fp32
+
 
 def _flat(embeddings: Tensor) -> Tensor:
     """(B, ...) -> (B, D) float embeddings."""
@@ -23,6 +25,7 @@ def _check_batch(student: Tensor, teacher: Tensor) -> None:
                          f"hold different batch sizes; embed the same images with both networks")
 
 
+@in_fp32
 def normalized_distances(embeddings: Tensor) -> Tensor:
     """psi_D = ||e_i - e_j|| / mu with mu the mean distance over pairs i != j; shape (B, B), zero diagonal."""
     e = _flat(embeddings)
@@ -34,6 +37,7 @@ def normalized_distances(embeddings: Tensor) -> Tensor:
     return d / mu
 
 
+@in_fp32
 def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
     """Mean Huber (smooth L1, delta 1) loss between the students' and teacher's psi_D over pairs i != j."""
     _check_batch(student, teacher)
@@ -44,6 +48,7 @@ def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
     return F.smooth_l1_loss(s[off], t[off], beta=1.0)
 
 
+@in_fp32
 def triplet_cosines(embeddings: Tensor) -> Tensor:
     """psi_A[i, j, k] = cos of the angle at e_j between e_i and e_k: <(e_i-e_j)/|.|, (e_k-e_j)/|.|>, shape (B, B, B)."""
     e = _flat(embeddings)
@@ -51,6 +56,7 @@ def triplet_cosines(embeddings: Tensor) -> Tensor:
     return torch.einsum("jid,jkd->ijk", u, u)
 
 
+@in_fp32
 def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
     """Mean Huber loss between student and teacher psi_A over triplets of distinct i, j, k (0 for B < 3)."""
     _check_batch(student, teacher)
@@ -66,6 +72,7 @@ def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
     return F.smooth_l1_loss(s[distinct], t[distinct], beta=1.0)
 
 
+@in_fp32
 def rkd_loss(student: Tensor, teacher: Tensor, *, distance_weight: float = 25.0,
              angle_weight: float = 50.0) -> Tensor:
     """distance_weight * RKD-D + angle_weight * RKD-A on (B, D_s) and (B, D_t) embeddings.

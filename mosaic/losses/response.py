@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mosaic.precision import in_fp32
+
 KL_REDUCTIONS = ("batchmean", "mean")
 
 
@@ -30,6 +32,7 @@ def _reduce_kl(log_p_t: Tensor, log_p_s: Tensor, t: float, reduction: str) -> Te
     return terms.sum(dim=1).mean() * (t * t)
 
 
+@in_fp32
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
             reduction: str = "batchmean") -> Tensor:
     """Hinton's distillation loss T^2 * KL(softmax(t/T) || softmax(s/T)), mean over the batch.
@@ -45,6 +48,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
     return _reduce_kl(log_p_t, log_p_s, t, reduction)
 
 
+@in_fp32
 def soft_kl(student_logits: Tensor, teacher_log_probs: Tensor, *, temperature: float = 1.0,
             reduction: str = "batchmean") -> Tensor:
     """`kd_loss` given the teacher's log-probabilities (already at temperature T), e.g. of a teacher ensemble."""
@@ -53,11 +57,13 @@ def soft_kl(student_logits: Tensor, teacher_log_probs: Tensor, *, temperature: f
     return _reduce_kl(teacher_log_probs.float(), log_p_s, t, reduction)
 
 
+@in_fp32
 def cross_entropy(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy to integer labels."""
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
+@in_fp32
 def hinton_kd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
               temperature: float = 4.0, alpha: float = 0.9) -> Tensor:
     """Hinton KD: (1 - alpha) * CE(s, labels) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean.
@@ -75,6 +81,7 @@ def hinton_kd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | N
     return (1.0 - alpha) * cross_entropy(student_logits, labels) + alpha * soft
 
 
+@in_fp32
 def logit_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor | None, *,
                temperature: float, alpha: float) -> Tensor:
     """The logit part shared by the feature methods: CE when alpha=0, Hinton KD otherwise, KD alone without labels."""
@@ -87,6 +94,7 @@ def logit_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Te
     return hinton_kd(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha)
 
 
+@in_fp32
 def logit_l1(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """Mean over the batch of ||t - s||_1 / C: the mean absolute logit difference (adversarial KD, DFAD)."""
     if student_logits.shape != teacher_logits.shape:
@@ -95,6 +103,7 @@ def logit_l1(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return (student_logits.float() - teacher_logits.float()).abs().mean()
 
 
+@in_fp32
 def mutual_loss(own_logits: Tensor, peer_logits: Sequence[Tensor], labels: Tensor | None = None, *,
                 temperature: float = 1.0) -> Tensor:
     """CE(own, labels) + mean over peers of T^2 * KL(softmax(peer/T) || softmax(own/T)); peers are detached.
@@ -127,6 +136,7 @@ def teacher_weights(n: int, weights: Sequence[float] | None = None) -> list[floa
     return [float(w) / total for w in weights]
 
 
+@in_fp32
 def ensemble_log_probs(teacher_logits: Sequence[Tensor], *, temperature: float = 4.0,
                        weights: Sequence[float] | None = None) -> Tensor:
     """log sum_i w_i softmax(t_i / T), computed as a logsumexp (exact for one teacher, safe for zero weights)."""
@@ -137,12 +147,14 @@ def ensemble_log_probs(teacher_logits: Sequence[Tensor], *, temperature: float =
     return torch.logsumexp(log_p + w.log().view(-1, 1, 1), dim=0)
 
 
+@in_fp32
 def ensemble_probs(teacher_logits: Sequence[Tensor], *, temperature: float = 4.0,
                    weights: Sequence[float] | None = None) -> Tensor:
     """sum_i w_i softmax(t_i / T): the weighted average of the teachers' softened distributions."""
     return ensemble_log_probs(teacher_logits, temperature=temperature, weights=weights).exp()
 
 
+@in_fp32
 def multi_teacher_kd(student_logits: Tensor, teacher_logits: Sequence[Tensor], labels: Tensor | None = None, *,
                      temperature: float = 4.0, alpha: float = 0.9,
                      weights: Sequence[float] | None = None) -> Tensor:
@@ -158,6 +170,7 @@ def multi_teacher_kd(student_logits: Tensor, teacher_logits: Sequence[Tensor], l
     return (1.0 - alpha) * cross_entropy(student_logits, labels) + alpha * soft
 
 
+@in_fp32
 def js_divergence(logits_a: Tensor, logits_b: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Jensen-Shannon divergence (nats) between softmax(a/T) and softmax(b/T), mean over the batch."""
     log_p = F.log_softmax(logits_a.float() / temperature, dim=1)
@@ -168,6 +181,7 @@ def js_divergence(logits_a: Tensor, logits_b: Tensor, *, temperature: float = 1.
     return js.mean()
 
 
+@in_fp32
 def top1_agreement(a_logits: Tensor, b_logits: Tensor) -> Tensor:
     """Fraction of samples on which two classifiers predict the same class."""
     return (a_logits.argmax(1) == b_logits.argmax(1)).float().mean()

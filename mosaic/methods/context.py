@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mosaic.augment import to_float
+from mosaic.precision import Precision, autocast_forward, full_precision
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Context:
     steps: int                      # total training steps of the run
     batch_size: int                 # per process
     mixer: Callable[[Tensor], Tensor] | None = None  # the run's `mix` (mosaic.augment.Mix); None: identity
+    precision: Precision | None = None  # the run's resolved precision (None: fp32, contiguous)
 
     def mix(self, x: Tensor) -> Tensor:
         """The run's function-matching view of a student batch (config `mix`): feed it to teacher and student alike.
@@ -45,14 +47,17 @@ class Context:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: Tensor, *, batch_size: int | None = None) -> Tensor:
-        """Logits of `model` for uint8 images, in batches (default eval_batch_size), in eval mode (mode restored)."""
+        """fp32 logits of `model` for uint8 images, in batches (default eval_batch_size), in eval mode (mode restored).
+
+        Runs in full precision whatever the run's autocast (evaluation, OOD selection).
+        """
         batch_size = batch_size or self.cfg["eval_batch_size"]
         was_training = model.training
         model.eval()
         out = []
         for i in range(0, len(images), batch_size):
             x = self.normalize(to_float(images[i:i + batch_size]))
-            with self.accelerator.autocast():
+            with full_precision():
                 out.append(model(x).float())
         model.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.num_classes, device=images.device)
@@ -65,8 +70,20 @@ class Context:
 
     def load_classifier(self, checkpoint: str | os.PathLike, *, arch: str | None = None,
                         num_classes: int | None = None) -> tuple[nn.Module, dict]:
-        """A classifier checkpoint (as `teacher=` reads it) for this task's channels and classes, in eval mode."""
+        """A classifier checkpoint (as `teacher=` reads it) for this task's channels and classes, in eval mode.
+
+        On the run's device, in the memory format and with the per-forward autocast a teacher gets.
+        """
         from mosaic.models import load_classifier
 
-        return load_classifier(checkpoint, arch=arch, num_classes=num_classes, in_chans=self.channels,
-                               default_classes=self.num_classes, image_size=self.image_size)
+        model, meta = load_classifier(checkpoint, arch=arch, num_classes=num_classes, in_chans=self.channels,
+                                      default_classes=self.num_classes, image_size=self.image_size)
+        return self.autocast(model), meta
+
+    def autocast(self, module: nn.Module) -> nn.Module:
+        """`module` (a network that is no player: an extra teacher, a synthesis generator) on the device, in the
+        run's memory format, each forward in its own autocast block as the players' are (in place; returns it)."""
+        if self.precision is None:
+            return module.to(self.device)
+        layout = torch.channels_last if self.precision.wants_channels_last(module) else torch.contiguous_format
+        return autocast_forward(module.to(self.device, memory_format=layout), self.precision, self.device.type)

@@ -59,6 +59,7 @@ class Generator(nn.Module):
             nn.Conv2d(ngf, channels, 3, padding=1),
             *head_layers,
         )
+        self.out_start = len(self.body) - len(head_layers) - 1  # the last conv: it and the head run in fp32
 
     def sample_noise(self, n: int, *, device: torch.device | str | None = None) -> Tensor:
         """n noise vectors z ~ N(0, I)."""
@@ -75,4 +76,12 @@ class Generator(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         h = rearrange(self.project(z), "b (c h w) -> b c h w", h=self.init_size, w=self.init_size)
-        return self.body(h)
+        for layer in self.body[:self.out_start]:
+            h = layer(h)
+        # the last conv and the head in fp32 even under autocast: a bf16 sigmoid rounds to exactly 1.0 from a
+        # pre-activation of about 6.5 on, and the images are what every other player sees
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            for layer in self.body[self.out_start:]:
+                h = layer(h)
+        return h
