@@ -68,3 +68,18 @@ def time_interleaved(runs: dict[str, Callable[[], None]], device: torch.device, 
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, *, n: int = 2048, reps: int = 5) -> float:
+    """TFLOP/s of the best of `reps` timed n x n @ n x n torch.mm in `dtype` (after one untimed): a measured GEMM ceiling."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12

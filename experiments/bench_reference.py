@@ -5,16 +5,11 @@ Used by experiments/bench_speed.py, which builds it from the same initial networ
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from mosaic.norms import KNOWN_STATS
-
-if TYPE_CHECKING:
-    from bench_speed import Ours
 
 MEAN, STD = KNOWN_STATS["cifar10"]  # what data.py normalises CIFAR-10 with
 
@@ -22,12 +17,14 @@ MEAN, STD = KNOWN_STATS["cifar10"]  # what data.py normalises CIFAR-10 with
 class Reference:
     """MosaicKD written out in plain eager fp32 torch, step for step as the paper's Algorithm 1."""
 
-    def __init__(self, ours: Ours, pool: Tensor) -> None:
-        o, cfg = ours.cfg["mosaic"], ours.cfg
-        contiguous = {k: copy.deepcopy(m).to(memory_format=torch.contiguous_format) for k, m in ours.initial.items()}
+    def __init__(self, initial: dict[str, nn.Module], cfg: dict, device: torch.device, pool: Tensor) -> None:
+        """From the networks as the method built them (`initial`: teacher, generator, discriminator, student;
+        copied here) and the run's resolved config."""
+        o = cfg["mosaic"]
+        contiguous = {k: copy.deepcopy(m).to(memory_format=torch.contiguous_format) for k, m in initial.items()}
         self.teacher, self.student = contiguous["teacher"], contiguous["student"]
         self.generator, self.discriminator = contiguous["generator"], contiguous["discriminator"]
-        self.o, self.device, self.pool = o, ours.device, pool
+        self.o, self.device, self.pool = o, device, pool
         self.batch, self.synthetic = cfg["batch_size"], o["synthetic_batch"] or cfg["batch_size"]
         self.mean, self.std = list(MEAN), list(STD)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=o["lr_g"], betas=tuple(o["betas"]))

@@ -8,7 +8,8 @@ for the OOD images):
   ours       the MosaicKD method object built as mosaic.engine.train builds it (Context,
              players and LR schedulers from mosaic.engine.prepare_players, device-resident OOD stream with
              kornia augmentation) and timed as the engine calls it: streams, then
-             `method.step` under `accelerator.autocast()`, then the schedulers.
+             `method.step` (each network forward autocast on its own, as the run's precision
+             resolves: mixed_precision / channels_last, default auto), then the schedulers.
   reference  the paper's algorithm written out step by step in plain eager fp32 torch:
              OOD batches augmented per image on the host (pad-4 crop + flip) and copied
              to the device, torchvision normalisation, patch crops one slice at a time,
@@ -16,19 +17,20 @@ for the OOD images):
 
 Prints seconds per iteration (median over --reps after --warmup untimed iterations),
 speed-up (reference / ours), student images per second, peak memory, FLOPs per iteration
-(torch.utils.flop_counter: convolutions and matmuls) and achieved TFLOP/s.
+(torch.utils.flop_counter: convolutions and matmuls), achieved TFLOP/s and its fraction of the
+machine's measured matmul peak in the variant's compute dtype (--peak). Each variant resolves its
+own precision (`--variant 'fp32: mixed_precision=no'` works: autocast is per forward, not global).
 
     python experiments/bench_speed.py                         # CPU: cnn_small -> cnn_tiny, 64+64, ngf 32
     python experiments/bench_speed.py --device cuda           # GPU: resnet34_cifar -> resnet18_cifar, 256+256
     python experiments/bench_speed.py --sweep --out experiments/results/speed-cpu.md
-    python experiments/bench_speed.py --set channels_last=true --set compile=true --switches-off
+    python experiments/bench_speed.py --variant 'fp32: mixed_precision=no channels_last=false' --peak
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -44,12 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mosaic.augment import Augment  # noqa: E402
 from mosaic.config import resolve  # noqa: E402
 from mosaic.engine import prepare_players  # noqa: E402
+from mosaic.engine.task import memory_format, prepare_frozen  # noqa: E402
 from mosaic.methods import Context, get_method, method_defaults  # noqa: E402
 from mosaic.models import create_model, freeze  # noqa: E402
 from mosaic.norms import KNOWN_STATS  # noqa: E402
+from mosaic.precision import Precision, cpu_bf16, cpu_name, resolve_precision  # noqa: E402
 from mosaic.stream import Stream  # noqa: E402
 
-from bench_measure import count_flops, peak_memory, sync, time_interleaved  # noqa: E402
+from bench_measure import count_flops, matmul_peak, peak_memory, sync, time_interleaved  # noqa: E402
 from bench_reference import Reference  # noqa: E402
 
 SWITCHES = ("fast_crop", "batch_teacher", "inference_mode", "fused_optim")
@@ -91,26 +95,28 @@ class Ours:
         self.cfg, self.device, self.accelerator = cfg, s.device, accelerator
         method_cls = get_method("mosaic")
         self.needs = method_cls.stream_needs(cfg["mosaic"])
-        memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        self.precision: Precision = resolve_precision(cfg["mixed_precision"], cfg["channels_last"], s.device)
         torch.manual_seed(s.seed)
-        teacher = freeze(create_model(s.teacher, num_classes=s.num_classes)).to(s.device, memory_format=memory_format)
-        student = create_model(s.student, num_classes=s.num_classes).to(s.device, memory_format=memory_format)
+        teacher = freeze(create_model(s.teacher, num_classes=s.num_classes)).to(s.device)
+        student = create_model(s.student, num_classes=s.num_classes)
+        student = student.to(s.device, memory_format=memory_format(student, self.precision))
         ctx = Context(cfg=cfg, opts=cfg["mosaic"], teacher=teacher, student=student, num_classes=s.num_classes,
                       image_size=s.image_size, channels=3, mean=torch.tensor(MEAN, device=s.device),
                       std=torch.tensor(STD, device=s.device), device=s.device, accelerator=accelerator,
-                      steps=10_000, batch_size=s.batch)
+                      steps=10_000, batch_size=s.batch, precision=self.precision)
         method = method_cls(ctx)
+        # the reference's copies, taken before the teacher and players get their memory format and autocast
         self.initial = {name: copy.deepcopy(getattr(method, name)) for name in ("teacher", *method.players)}
+        prepare_frozen(teacher, self.precision, s.device)  # in place: method.teacher is this module
         self.schedulers, _ = prepare_players(method, cfg, accelerator)  # exactly as a run prepares them
         augment = Augment.from_config(cfg["data"], image_size=s.image_size).to(s.device)
         self.streams = {key: Stream(pool.to(s.device), seed=s.seed, augment=augment) for key in self.needs}
         self.method, self.step = method, 0
 
     def iteration(self) -> None:
-        """One engine loop turn: draw the batches, run the step under autocast, step the schedules."""
+        """One engine loop turn: draw the batches, run the step, step the schedules."""
         batch = {key: self.streams[key].next(n * self.cfg["batch_size"])[0] for key, n in self.needs.items()}
-        with self.accelerator.autocast():
-            self.method.step(batch, self.step)
+        self.method.step(batch, self.step)
         for sched in self.schedulers:
             sched.step()
         self.step += 1
@@ -132,8 +138,7 @@ def count_syncs(ours: Ours) -> int:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            with ours.accelerator.autocast():
-                ours.method.step(batch, ours.step)
+            ours.method.step(batch, ours.step)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -143,36 +148,47 @@ def device_name(device: torch.device) -> str:
     """A readable device name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = ""
+    return (f"CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"native bf16 as torch reports it: {cpu_bf16()}, flags: {' '.join(cpu_flags()) or 'none of interest'}")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's matrix / vector flags that decide bf16 and fp32 speed (from /proc/cpuinfo)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
     try:
-        model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name"))
+        flags = next(ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("flags"))
     except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        return []
+    return [f for f in wanted if f in flags]
 
 
 def bench(setup: Setup, accelerator, *, variants: dict[str, list[str]], reps: int, warmup: int,
-          measure_extras: bool = True) -> list[dict]:
+          measure_extras: bool = True, peaks: dict[str, float] | None = None) -> list[dict]:
     """Rows (one per implementation) for one configuration."""
     pool = random_pool(setup)
     ours = {label: Ours(setup, pool, accelerator, overrides=extra) for label, extra in variants.items()}
     first = next(iter(ours.values()))
-    impls: dict[str, Callable[[], None]] = {"reference": Reference(first, pool).iteration}
+    impls: dict[str, Callable[[], None]] = {
+        "reference": Reference(first.initial, first.cfg, setup.device, pool).iteration}
     impls.update({label: o.iteration for label, o in ours.items()})
     times = time_interleaved(impls, setup.device, reps=reps, warmup=warmup)
     ref_s = statistics.median(times["reference"])
     rows = []
     for label, run in impls.items():
         sec = statistics.median(times[label])
+        dtype = ours[label].precision.mixed_precision if label in ours else "no"
         row = {"impl": label, "s_iter": sec, "speedup": ref_s / sec, "times": times[label],
-               "images_s": first.student_images / sec}
+               "images_s": first.student_images / sec, "dtype": "fp32" if dtype == "no" else dtype,
+               "precision": ours[label].precision if label in ours else None}
         if measure_extras:
             row["peak_bytes"] = peak_memory(run, setup.device)
             compiled = label in ours and ours[label].cfg["compile"]
             flops = None if compiled else count_flops(run)  # the counter would force recompiles: same FLOPs as ours
             row["gflop"] = flops / 1e9 if flops is not None else None
             row["tflops"] = flops / sec / 1e12 if flops is not None else None
+            peak = (peaks or {}).get(row["dtype"])
+            row["of_peak"] = row["tflops"] / peak if peak and row["tflops"] is not None else None
         rows.append(row)
     return rows
 
@@ -186,13 +202,18 @@ def fmt(value, spec: str) -> str:
 
 def main_table(rows: list[dict]) -> list[str]:
     """Markdown table of one configuration's rows."""
-    lines = ["| implementation | s / iteration (median) | speed-up vs reference | student images / s "
-             "| peak memory (MiB) | GFLOP / iteration | achieved TFLOP/s | all timings (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| implementation | compute | s / iteration (median) | speed-up vs reference | student images / s "
+             "| peak memory (MiB) | GFLOP / iteration | achieved TFLOP/s | of matmul peak | all timings (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['impl']} | {r['s_iter']:.3f} | {r['speedup']:.2f}x | {r['images_s']:.0f} "
+        p = r.get("precision")
+        compute = "fp32, contiguous" if p is None else (
+            f"{r['dtype']}, " + {"auto": "channels-last convnets", True: "channels-last", False: "contiguous"}.get(
+                p.channels_last, str(p.channels_last)))
+        lines.append(f"| {r['impl']} | {compute} | {r['s_iter']:.3f} | {r['speedup']:.2f}x | {r['images_s']:.0f} "
                      f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**20, '.0f')} | {fmt(r.get('gflop'), '.1f')} "
-                     f"| {fmt(r.get('tflops'), '.4f')} | {' '.join(f'{t:.2f}' for t in r['times'])} |")
+                     f"| {fmt(r.get('tflops'), '.4f')} | {fmt(r.get('of_peak') and 100 * r['of_peak'], '.1f')}% "
+                     f"| {' '.join(f'{t:.2f}' for t in r['times'])} |")
     return lines
 
 
@@ -224,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--switches-off", action="store_true",
                    help="also time ours with every MosaicKD speed switch off (mosaic.fast_crop=false ...)")
     p.add_argument("--variant", action="append", default=[], metavar="'LABEL: KEY=VALUE ...'",
-                   help="also time ours with these extra overrides (repeatable; mixed_precision only via --set)")
+                   help="also time ours with these extra overrides (repeatable; each resolves its own precision)")
+    p.add_argument("--peak", action="store_true",
+                   help="measure the machine's matmul peak (fp32, and bf16 where native) for the %% of peak column")
     p.add_argument("--check-syncs", action="store_true", help="CUDA: count host syncs in one step of ours")
     p.add_argument("--sweep", action="store_true", help="also time batch 64,128,256,512 x image size 32,64")
     p.add_argument("--sweep-batches", default="64,128,256,512")
@@ -246,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
                   ngf=args.ngf or (64 if gpu else 32), ndf=args.ndf or (128 if gpu else 64),
                   overrides=list(args.overrides))
     precision = resolve(overrides=setup.overrides, method_defaults=method_defaults)["mixed_precision"]
-    accelerator = Accelerator(cpu=not gpu, mixed_precision=precision)
+    # autocast is per forward (mosaic/precision.py); Accelerate only keeps fp16's gradient scaler
+    accelerator = Accelerator(cpu=not gpu, mixed_precision="fp16" if precision == "fp16" else "no")
     variants = {"ours": []}
     if args.switches_off:
         variants["ours, speed switches off"] = [f"mosaic.{k}=false" for k in SWITCHES]
@@ -267,12 +291,23 @@ def main(argv: list[str] | None = None) -> None:
                                            "(torch.profiler allocator events; no CPU max_memory_allocated exists)"),
               "- FLOPs: torch.utils.flop_counter (convolutions and matmuls only); the reference counts more "
               "because its G step also back-propagates into D and student weights, as plain `loss.backward()` does"]
+    peaks = None
+    if args.peak:
+        peaks = {"fp32": matmul_peak(torch.float32, device)}
+        if gpu or cpu_bf16() != "none":
+            peaks["bf16"] = matmul_peak(torch.bfloat16, device)
+        header.append("- matmul peak (the % of peak column): the best of 5 timed torch.mm of two 2048 x 2048 "
+                      "matrices in the compute dtype on this device, same threads: " +
+                      ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()) +
+                      " (a measured ceiling for dense GEMM, not the vendor's nominal peak)")
     print("\n".join(header), flush=True)
     if args.check_syncs and gpu:
         n = count_syncs(Ours(setup, random_pool(setup), accelerator))
         header.append(f"- host-device synchronisations in one step of ours (torch.cuda.set_sync_debug_mode): {n}")
         print(header[-1], flush=True)
-    rows = bench(setup, accelerator, variants=variants, reps=args.reps, warmup=args.warmup)
+    rows = bench(setup, accelerator, variants=variants, reps=args.reps, warmup=args.warmup, peaks=peaks)
+    resolved = [f"{r['impl']}: {r['precision'].summary()}" for r in rows if r.get("precision") is not None]
+    header.append("- precision of each variant as the engine resolves it: " + "; ".join(resolved))
     main_lines = ["## One configuration", "", *main_table(rows)]
     print("\n".join(main_lines), flush=True)
     sweep_lines: list[str] = []

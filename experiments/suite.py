@@ -117,23 +117,14 @@ def offline_data() -> bool:
 def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[str] | None = None,
               seeds: int | None = None) -> list[dict]:
     """Train (or reuse) the suite's teacher, run its rows (at each seed), write the tables; returns one row per run."""
-    from mosaic.cli import TEACHER_BASE, _resolve
+    from mosaic.cli import _resolve
     from mosaic.engine import train
 
     name, spec = load_spec(name)
     runs = plan(name, spec, seeds=seeds)
-    data = dict(spec.get("data", {}))
-    if not offline_data() and str(data.get("data.ood", "tiny-imagenet")).startswith("tiny-imagenet"):
-        data.update({"data.ood": "cifar100", "data.download": True})  # with internet: CIFAR-100 as OOD
-    teacher_dir = out_dir / spec.get("teacher_run", f"{name}-teacher")  # suites may share a teacher
+    data = suite_data(spec)
     start = time.time()
-    teacher_s = None
-    if not (teacher_dir / "model.safetensors").exists():
-        cfg = _resolve(as_overrides({**data, **spec["teacher"], "out_dir": str(out_dir), "name": teacher_dir.name,
-                               "overwrite": True}), TEACHER_BASE)
-        train(cfg)
-        teacher_s = time.time() - start
-        print(f"[suite] teacher trained in {teacher_s:.0f}s", flush=True)
+    teacher_dir, teacher_s = ensure_teacher(name, spec, data, out_dir=out_dir)
     rows = []
     for run in runs:
         if only and run.label not in only:
@@ -152,6 +143,35 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
         write_tables(rows, results_dir / name, title=spec.get("title", name), note=spec.get("note", ""),
                      footer=footer, seeds=seeded(runs))
     return rows
+
+
+def suite_data(spec: dict) -> dict:
+    """The suite's data overrides; without the offline archives (and with internet), CIFAR-100 as the OOD pool."""
+    data = dict(spec.get("data", {}))
+    if not offline_data() and str(data.get("data.ood", "tiny-imagenet")).startswith("tiny-imagenet"):
+        data.update({"data.ood": "cifar100", "data.download": True})
+    return data
+
+
+def ensure_teacher(name: str, spec: dict, data: dict, *, out_dir: Path, run_name: str | None = None,
+                   extra: dict | None = None) -> tuple[Path, float | None]:
+    """The suite's teacher folder (`teacher_run`, default `<suite>-teacher`), trained first when it has no model.
+
+    Returns the folder and the training time (None when reused). `extra` overrides the teacher section.
+    """
+    from mosaic.cli import TEACHER_BASE, _resolve
+    from mosaic.engine import train
+
+    teacher_dir = out_dir / (run_name or spec.get("teacher_run", f"{name}-teacher"))  # suites may share a teacher
+    if (teacher_dir / "model.safetensors").exists():
+        return teacher_dir, None
+    start = time.time()
+    cfg = _resolve(as_overrides({**data, **spec["teacher"], **(extra or {}), "out_dir": str(out_dir),
+                                 "name": teacher_dir.name, "overwrite": True}), TEACHER_BASE)
+    train(cfg)
+    seconds = time.time() - start
+    print(f"[suite] teacher {teacher_dir.name} trained in {seconds:.0f}s", flush=True)
+    return teacher_dir, seconds
 
 
 def row_of(run: Run, res: dict) -> dict:

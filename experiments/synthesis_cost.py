@@ -11,6 +11,10 @@ synthesis time than DeepInversion.
     python experiments/synthesis_cost.py --teacher runs/demo-teacher/model.safetensors --out cost.md
     python experiments/synthesis_cost.py --batches 1 --batch 8 --set deepinversion.di_iters=4 \\
         --set cmi.g_steps=2 --set fast.g_steps=2                         # a seconds-long check
+    python experiments/synthesis_cost.py --precisions no auto            # fp32 against the default, side by side
+
+Each precision (`mixed_precision`, channels_last as the engine's default `auto`) gets its own copy of the
+teacher, prepared as a run prepares it (memory format, per-forward autocast).
 
 Without `--teacher` (or when the file is missing) a random `--arch` teacher stands in: the cost
 does not depend on the weights.
@@ -18,6 +22,7 @@ does not depend on the weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -28,19 +33,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mosaic.config import resolve  # noqa: E402
+from mosaic.engine.task import prepare_frozen  # noqa: E402
 from mosaic.methods import Context, get_method, method_defaults  # noqa: E402
 from mosaic.models import create_model, freeze, load_classifier  # noqa: E402
 from mosaic.norms import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from mosaic.precision import resolve_precision  # noqa: E402
 
 METHODS = ("deepinversion", "cmi", "fast")
 ITERATIONS = {"deepinversion": "di_iters", "cmi": "g_steps", "fast": "g_steps"}
 
 
-def build(name: str, teacher, args, accelerator):
-    """The method object as mosaic.engine.train builds it (no run folder, no players prepared)."""
+def build(name: str, teacher, args, accelerator, precision: str):
+    """The method object as mosaic.engine.train builds it (no run folder, no players prepared) at `precision`."""
     sets = [s for s in args.set if s.startswith(f"{name}.") or "." not in s.split("=")[0]]
     cfg = resolve(overrides=[f"method={name}", f"batch_size={args.batch}", f"data.image_size={args.size}",
-                             f"seed={args.seed}", "cpu=true", *sets], method_defaults=method_defaults)
+                             f"seed={args.seed}", "cpu=true", *sets, f"mixed_precision={precision}"],
+                  method_defaults=method_defaults)
+    resolved = resolve_precision(cfg["mixed_precision"], cfg["channels_last"], torch.device("cpu"))
+    teacher = prepare_frozen(copy.deepcopy(teacher), resolved, torch.device("cpu"))
     opts = cfg[name]
     if name == "deepinversion":
         opts["pool_size"] = args.batch * (args.batches + args.warmup)  # room for every batch
@@ -50,8 +60,11 @@ def build(name: str, teacher, args, accelerator):
     student = create_model("cnn_tiny", num_classes=args.classes)
     ctx = Context(cfg=cfg, opts=opts, teacher=teacher, student=student, num_classes=args.classes,
                   image_size=args.size, channels=3, mean=torch.tensor(CIFAR10_MEAN), std=torch.tensor(CIFAR10_STD),
-                  device=torch.device("cpu"), accelerator=accelerator, steps=steps, batch_size=args.batch)
-    return get_method(name)(ctx)
+                  device=torch.device("cpu"), accelerator=accelerator, steps=steps, batch_size=args.batch,
+                  precision=resolved)
+    method = get_method(name)(ctx)
+    student.to(memory_format=torch.channels_last if resolved.wants_channels_last(student) else torch.contiguous_format)
+    return method, resolved
 
 
 def synthesize_once(method) -> None:
@@ -75,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--set", action="append", default=[], help="override, e.g. deepinversion.di_iters=100")
+    p.add_argument("--precisions", nargs="+", default=["auto"], choices=["auto", "no", "bf16"],
+                   help="mixed_precision values to time, each method at each (default: auto)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = p.parse_args(argv)
     from accelerate import Accelerator
@@ -87,28 +102,35 @@ def main(argv: list[str] | None = None) -> None:
     else:
         teacher, source = create_model(args.arch, num_classes=args.classes), f"random {args.arch}"
     teacher = freeze(teacher)
-    rows, base = [], None
+    rows, base, first = [], {}, {}
     for name in args.methods:
-        method = build(name, teacher, args, accelerator)
-        for _ in range(args.warmup):
-            synthesize_once(method)
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            synthesize_once(method)
-        wall = time.perf_counter() - start
-        per_1k = wall / (args.batch * args.batches) * 1000
-        base = per_1k if name == "deepinversion" else base
-        rows.append((name, method.opts[ITERATIONS[name]], wall / args.batches, per_1k))
-        print(f"{name}: {wall / args.batches:.2f} s per batch of {args.batch}, {per_1k:.1f} s per 1,000 images",
-              flush=True)
+        for precision in args.precisions:
+            method, resolved = build(name, teacher, args, accelerator, precision)
+            for _ in range(args.warmup):
+                synthesize_once(method)
+            start = time.perf_counter()
+            for _ in range(args.batches):
+                synthesize_once(method)
+            wall = time.perf_counter() - start
+            per_1k = wall / (args.batch * args.batches) * 1000
+            if name == "deepinversion":
+                base[precision] = per_1k
+            first.setdefault(name, per_1k)
+            compute = f"{precision} -> {'fp32' if resolved.mixed_precision == 'no' else resolved.mixed_precision}"
+            rows.append((name, compute, precision, method.opts[ITERATIONS[name]], wall / args.batches, per_1k,
+                         first[name] / per_1k))
+            print(f"{name} ({compute}): {wall / args.batches:.2f} s per batch of {args.batch}, "
+                  f"{per_1k:.1f} s per 1,000 images", flush=True)
     lines = [f"Synthesis cost, one process, {torch.get_num_threads()} threads (OMP_NUM_THREADS="
-             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), teacher {source}, {args.size}x{args.size}, "
-             f"batch {args.batch}, {args.batches} timed batches per method.", "",
-             "| method | iterations per batch | s per batch | s per 1,000 images | speed-up vs DeepInversion |",
-             "|---|---:|---:|---:|---:|"]
-    for name, iters, per_batch, per_1k in rows:
-        ratio = f"{base / per_1k:.1f}x" if base and name != "deepinversion" else "-"
-        lines.append(f"| {name} | {iters} | {per_batch:.2f} | {per_1k:.1f} | {ratio} |")
+             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), CPU {resolved.device} (native bf16: "
+             f"{resolved.capability}), teacher {source}, {args.size}x{args.size}, batch {args.batch}, "
+             f"{args.batches} timed batches per method after {args.warmup} untimed.", "",
+             f"| method | mixed_precision | iterations per batch | s per batch | s per 1,000 images "
+             f"| speed-up vs DeepInversion | speed-up vs {args.precisions[0]} |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, compute, precision, iters, per_batch, per_1k, vs_first in rows:
+        ratio = f"{base[precision] / per_1k:.1f}x" if precision in base and name != "deepinversion" else "-"
+        lines.append(f"| {name} | {compute} | {iters} | {per_batch:.2f} | {per_1k:.1f} | {ratio} | {vs_first:.2f}x |")
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

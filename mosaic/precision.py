@@ -53,7 +53,7 @@ class Precision:
         """One line for stderr."""
         layout = "channels-last for convnets" if self.channels_last == "auto" else (
             "channels-last" if self.channels_last else "contiguous")
-        return (f"precision: {'fp32' if self.mixed_precision == 'no' else self.mixed_precision} autocast "
+        return (f"precision: {'fp32' if self.mixed_precision == 'no' else self.mixed_precision + ' autocast'} "
                 f"(mixed_precision={self.requested}: {self.reason}); memory format: {layout}")
 
 

@@ -136,3 +136,62 @@ def test_seed_band_is_mean_min_max_at_shared_steps():
     assert x == [0.5, 1.0] and lo == [0.30, 0.60] and hi == [0.50, 0.80]
     assert mean == pytest.approx([0.40, 0.70])
     assert band([[(0.5, 0.4), (1.0, 0.6)], [(1.0, 0.8)]])[:2] == ([1.0], [pytest.approx(0.7)])
+
+
+def test_committed_cpu_suites_pin_the_precision_they_were_made_in():
+    """Tables made in fp32 before mixed_precision=auto re-run as made; the demo runs the defaults."""
+    for path in sorted((EXP / "suites").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        if path.stem.startswith(("cpu-", "regime-")):
+            for section in ("teacher", "common"):
+                assert spec[section]["mixed_precision"] == "no", (path.name, section)
+                assert spec[section]["channels_last"] in (True, False), (path.name, section)
+    demo = yaml.safe_load((EXP / "suites" / "demo.yaml").read_text())
+    assert "mixed_precision" not in demo["teacher"] and "mixed_precision" not in demo["common"]
+    assert demo["teacher_run"] != "demo-teacher"  # the fp32 suites' shared teacher keeps its folder
+
+
+def test_bench_speed_variants_resolve_their_own_precision(tmp_path):
+    import bench_speed
+    out = tmp_path / "speed.md"
+    bench_speed.main(["--teacher", "cnn_tiny", "--student", "cnn_tiny", "--batch", "4", "--image-size", "16",
+                      "--ngf", "8", "--ndf", "8", "--reps", "1", "--warmup", "0", "--set", "mosaic.patch_size=8",
+                      "--set", "mixed_precision=bf16", "--variant", "fp32: mixed_precision=no channels_last=false",
+                      "--out", str(out)])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:]]
+            for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["reference"][0] == "fp32, contiguous"
+    assert rows["ours"][0] == "bf16, channels-last convnets"
+    assert rows["fp32"][0] == "fp32, contiguous"
+    assert "fp32: precision: fp32 (mixed_precision=no: set explicitly)" in out.read_text()
+
+
+def test_synthesis_cost_times_each_precision(tmp_path):
+    import synthesis_cost
+    out = tmp_path / "cost.md"
+    synthesis_cost.main(["--teacher", "", "--arch", "cnn_tiny", "--batches", "1", "--batch", "4", "--size", "16",
+                         "--set", "deepinversion.di_iters=2", "--set", "cmi.g_steps=2", "--set", "fast.g_steps=2",
+                         "--set", "cmi.ngf=8", "--set", "fast.ngf=8", "--precisions", "no", "bf16",
+                         "--out", str(out)])
+    table = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in table] == [
+        (m, p) for m in ("deepinversion", "cmi", "fast") for p in ("no -> fp32", "bf16 -> bf16")]
+
+
+def test_precision_study_rows_and_table(tmp_path):
+    import precision
+    study = precision.Study("kd-x", "cpu-t3-full", "kd_ood", (0, 1), ("x.csv", "y.csv@1"))
+    (tmp_path / "x.csv").write_text("method,seed,student_top1,teacher_top1\nkd_ood,0,0.5,0.7\nmosaic,0,0.4,0.7\n")
+    (tmp_path / "y.csv").write_text("method,student_top1,teacher_top1\nkd_ood,0.52,0.7\n")
+    found = precision.committed_rows(study, tmp_path)
+    assert {s: r["student_top1"] for s, r in found.items()} == {0: "0.5", 1: "0.52"}
+    assert found[1]["source"] == "committed y.csv"
+
+    def row(p, seed, top1, wall):
+        return {"study": precision.STUDIES[0].name, "method": "mosaic", "precision": p, "seed": seed,
+                "student_top1": top1, "wall_s": wall}
+    rows = [row("no", 0, 0.60, 500), row("no", 1, 0.62, 500), row("auto", 0, 0.61, 200), row("auto", 1, 0.64, 220)]
+    precision.write(rows, tmp_path / "p")
+    line = next(x for x in (tmp_path / "p.md").read_text().splitlines() if x.startswith(f"| {rows[0]['study']}"))
+    # fp32 61.00 ± 1.41, auto 62.50 ± 2.12, diff +1.50 within max(0.5, 1.41, 2.12)
+    assert "| 61.00 ± 1.41 | 62.50 ± 2.12 | +1.50 | yes | 0,1 | 500 | 210 |" in line
