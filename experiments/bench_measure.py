@@ -51,13 +51,21 @@ def count_flops(run: Callable[[], None]) -> float | None:
         return None
 
 
-def time_interleaved(runs: dict[str, Callable[[], None]], device: torch.device, *, reps: int,
-                     warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each run, alternating the runs (order rotated every repetition)."""
+def time_interleaved(runs: dict[str, Callable[[], None]], device: torch.device, *, reps: int, warmup: int,
+                     first: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each run, alternating the runs (order rotated every repetition).
+
+    The untimed warm-up calls' seconds go to `first` when given (start-up costs such as compilation).
+    """
     names = list(runs)
     for _ in range(warmup):
         for name in names:
+            sync(device)
+            t0 = time.perf_counter()
             runs[name]()
+            sync(device)
+            if first is not None:
+                first.setdefault(name, []).append(time.perf_counter() - t0)
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
         order = names[rep % len(names):] + names[:rep % len(names)]

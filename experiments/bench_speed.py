@@ -172,13 +172,15 @@ def bench(setup: Setup, accelerator, *, variants: dict[str, list[str]], reps: in
     impls: dict[str, Callable[[], None]] = {
         "reference": Reference(first.initial, first.cfg, setup.device, pool).iteration}
     impls.update({label: o.iteration for label, o in ours.items()})
-    times = time_interleaved(impls, setup.device, reps=reps, warmup=warmup)
+    warm: dict[str, list[float]] = {}
+    times = time_interleaved(impls, setup.device, reps=reps, warmup=warmup, first=warm)
     ref_s = statistics.median(times["reference"])
     rows = []
     for label, run in impls.items():
         sec = statistics.median(times[label])
         dtype = ours[label].precision.mixed_precision if label in ours else "no"
         row = {"impl": label, "s_iter": sec, "speedup": ref_s / sec, "times": times[label],
+               "warmup_s": warm.get(label, []),
                "images_s": first.student_images / sec, "dtype": "fp32" if dtype == "no" else dtype,
                "precision": ours[label].precision if label in ours else None}
         if measure_extras:
@@ -203,8 +205,9 @@ def fmt(value, spec: str) -> str:
 def main_table(rows: list[dict]) -> list[str]:
     """Markdown table of one configuration's rows."""
     lines = ["| implementation | compute | s / iteration (median) | speed-up vs reference | student images / s "
-             "| peak memory (MiB) | GFLOP / iteration | achieved TFLOP/s | of matmul peak | all timings (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak memory (MiB) | GFLOP / iteration | achieved TFLOP/s | of matmul peak | all timings (s) "
+             "| untimed warm-up iterations (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r.get("precision")
         compute = "fp32, contiguous" if p is None else (
@@ -213,7 +216,8 @@ def main_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['impl']} | {compute} | {r['s_iter']:.3f} | {r['speedup']:.2f}x | {r['images_s']:.0f} "
                      f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**20, '.0f')} | {fmt(r.get('gflop'), '.1f')} "
                      f"| {fmt(r.get('tflops'), '.4f')} | {fmt(r.get('of_peak') and 100 * r['of_peak'], '.1f')}% "
-                     f"| {' '.join(f'{t:.2f}' for t in r['times'])} |")
+                     f"| {' '.join(f'{t:.2f}' for t in r['times'])} "
+                     f"| {' '.join(f'{t:.2f}' for t in r.get('warmup_s', [])) or '-'} |")
     return lines
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from mosaic.config import ConfigError
 
@@ -115,9 +116,13 @@ def resolve_precision(mixed_precision: str, channels_last: bool | str, device: t
 
 
 def is_convnet(module: nn.Module) -> bool:
-    """True when most of `module`'s conv + linear weights are convolutions (channels-last pays off there)."""
-    conv = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd))
-    linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    """True when `module` has at least as many convolutions as linear layers (channels-last pays off there).
+
+    Counted in layers, not weights: a generator whose one linear projection outweighs its convs still
+    spends its time in convolutions and upsampling, which channels-last makes several times faster on CPU.
+    """
+    conv = sum(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+    linear = sum(isinstance(m, nn.Linear) for m in module.modules())
     return conv > 0 and conv >= linear
 
 
@@ -154,7 +159,16 @@ def autocast_forward(module: nn.Module, precision: Precision, device_type: str) 
     module._mosaic_inner_forward = module.forward  # bound method: copy.deepcopy rebinds it to the copy
     module._mosaic_autocast = (precision.mixed_precision, device_type)
     module.forward = MethodType(_autocast_call, module)
+    classifier = module.get_classifier() if callable(getattr(module, "get_classifier", None)) else None
+    if isinstance(classifier, nn.Linear):  # timm's head API: logits from an fp32 matmul, not rounded to bf16
+        classifier.forward = MethodType(_fp32_linear, classifier)
     return module
+
+
+def _fp32_linear(self: nn.Linear, x: Tensor) -> Tensor:
+    """A classifier's forward in fp32 whatever the autocast around it (the logits every loss reads)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), self.weight, self.bias)
 
 
 @contextlib.contextmanager

@@ -173,6 +173,18 @@ def test_autocast_like_covers_calls_that_bypass_forward():
         assert torch.is_autocast_enabled("cpu") is False
 
 
+def test_channels_last_generator_keeps_its_maps_channels_last():
+    torch.manual_seed(0)
+    g = Generator(nz=8, ngf=8, image_size=16, channels=3)
+    seen = []
+    g.body[1].register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    z = torch.randn(4, 8)
+    want = g(z)
+    g.to(memory_format=torch.channels_last)
+    got = g(z)
+    assert seen == [False, True] and torch.allclose(got, want, atol=1e-6)  # same images, other layout
+
+
 def test_generator_head_is_fp32_under_autocast():
     torch.manual_seed(0)
     g = autocast_forward(Generator(nz=8, ngf=8, image_size=16, channels=3), BF16, "cpu").eval()
@@ -319,8 +331,12 @@ def test_fp16_on_cpu_is_one_clear_error(tiny_task, tiny_teacher, tmp_path, capsy
 def test_channels_last_auto_is_per_network():
     assert is_convnet(create_model("cnn_tiny", num_classes=3))
     assert not is_convnet(nn.Sequential(nn.Flatten(), nn.Linear(48, 100), nn.Linear(100, 3)))
-    mlp = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(2 * 16, 500))
-    assert not BF16.wants_channels_last(mlp)
+    vit_like = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(2), nn.Linear(16, 16), nn.Linear(16, 3))
+    assert not BF16.wants_channels_last(vit_like)  # one patch conv, mostly linear layers
+    generator = Generator(nz=256, ngf=8, image_size=32, channels=3)  # its projection outweighs its convs
+    assert sum(p.numel() for p in generator.project.parameters()) > sum(
+        p.numel() for m in generator.body if isinstance(m, nn.Conv2d) for p in m.parameters())
+    assert BF16.wants_channels_last(generator)
     assert BF16.wants_channels_last(create_model("cnn_tiny", num_classes=3))
     off = Precision(**{**BF16.record(), "channels_last": False})
     assert not off.wants_channels_last(create_model("cnn_tiny", num_classes=3))
@@ -384,3 +400,20 @@ def test_bf16_resume_is_bit_identical(tiny_task, tiny_teacher, tmp_path, monkeyp
     assert a.keys() == b.keys(), (a.keys(), b.keys())
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert all(a[k].dtype == torch.float32 for k in a if a[k].is_floating_point())  # fp32 master weights saved
+
+
+def test_logits_come_from_an_fp32_classifier():
+    """Features in bf16, the linear head in fp32: logits are not rounded to bf16 (KD's soft targets read them)."""
+    torch.manual_seed(0)
+    net = create_model("cnn_tiny", num_classes=3).eval()
+    autocast_forward(net, BF16, "cpu")
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        logits = net(x)
+        with autocast_like(net):
+            pooled = net.forward_head(net.forward_features(x), pre_logits=True)
+        want = pooled.float() @ net.fc.weight.T + net.fc.bias
+    assert logits.dtype == torch.float32 and torch.allclose(logits, want, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(logits, logits.bfloat16().float())  # a bf16 head would give only bf16 values
+    twin = copy.deepcopy(net)
+    assert twin.fc.forward.__self__ is twin.fc  # the copy's head computes with the copy's weights
