@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
                                 #   auto = bf16 on a GPU with native bf16 and on a CPU with AMX / AVX-512 BF16, else
                                 #   fp32 (no); fp16 needs a CUDA GPU (gradient scaler); evaluation always runs in fp32
     "cpu": False,               # force CPU even when a GPU is present
-    "compile": False,           # torch.compile the players (MosaicKD also its teacher); minutes to start on CPU
+    "compile": False,           # torch.compile the players (MosaicKD also its teacher); minutes to start on CPU,
+                                # and slower steps on top of bf16 + channels-last there (results/speed-cpu.md)
     "channels_last": "auto",    # channels-last memory format for players and teacher: auto (each network that is a
                                 #   convnet: most of its weights in convolutions) | true | false
     "schedule": "cosine",       # learning-rate schedule over `steps`: cosine | onecycle | constant
