@@ -22,7 +22,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mosaic.augment import normalize, to_float  # noqa: E402
-from mosaic.data import load_split  # noqa: E402
+from mosaic.data import load_image_set  # noqa: E402
 from mosaic.losses import kd_loss  # noqa: E402
 from mosaic.models import create_model, load_classifier  # noqa: E402
 from mosaic.precision import cpu_name, resolve_precision  # noqa: E402
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
 
     teacher, meta = load_classifier(args.teacher, in_chans=3, default_classes=10, image_size=32)
     teacher.eval().to(memory_format=torch.channels_last)
-    test = load_split("cifar10", split="test", image_size=32)
-    x = normalize(to_float(test.images[:args.images]), torch.tensor(meta["mean"]), torch.tensor(meta["std"]))
+    test = load_image_set("cifar10", split="test", image_size=32)
+    x = normalize(to_float(test.images[:args.images]), meta["mean"], meta["std"])
     x = x.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
     student = create_model("cnn_tiny", num_classes=10).eval()
