@@ -135,6 +135,9 @@ def run_one(study: Study, precision: str, seed: int, *, out_dir: Path, results: 
 
 def write(rows: list[dict], stem: Path) -> None:
     """precision-cpu.csv (one line per run) and .md (per study and precision: mean ± std, the difference)."""
+    rank = {s.name: i for i, s in enumerate(STUDIES)}
+    rows = sorted(rows, key=lambda r: (rank.get(r["study"], len(rank)), PRECISIONS.index(r["precision"])
+                                       if r["precision"] in PRECISIONS else 9, int(r["seed"])))
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
@@ -183,17 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown study rows {unknown}: choose from {sorted(known)}")
     rows, t0 = [], time.time()
-    for study in STUDIES:
-        for precision in PRECISIONS:
-            for seed in study.seeds:
-                chosen = ((not args.only or study.name in args.only) and precision in args.precisions
-                          and (args.seeds is None or seed in args.seeds))
-                row = run_one(study, precision, seed, out_dir=out, results=results, fresh=args.fresh,
-                              dry=args.collect or not chosen)
-                if row is not None:
-                    rows.append(row)
-                    if not args.collect and chosen:
-                        write(rows, results / "precision-cpu")  # after every run: a kill loses nothing
+    seeds = sorted({x for study in STUDIES for x in study.seeds})
+    # seed 0 of every study row (both precisions) first, then seed 1...: a stopped study leaves pairs on every row
+    order = [(study, seed, precision) for seed in seeds for study in STUDIES if seed in study.seeds
+             for precision in PRECISIONS]
+    for study, seed, precision in order:
+        chosen = ((not args.only or study.name in args.only) and precision in args.precisions
+                  and (args.seeds is None or seed in args.seeds))
+        row = run_one(study, precision, seed, out_dir=out, results=results, fresh=args.fresh,
+                      dry=args.collect or not chosen)
+        if row is not None:
+            rows.append(row)
+            if not args.collect and chosen:
+                write(rows, results / "precision-cpu")  # after every run: a kill loses nothing
     write(rows, results / "precision-cpu")
     print(f"[precision] {len(rows)} runs in the tables, {time.time() - t0:.0f} s", flush=True)
     return 0
