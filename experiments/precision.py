@@ -158,7 +158,7 @@ def write(rows: list[dict], stem: Path) -> None:
         walls = {p: suite_lib.mean_std([float(r["wall_s"]) for r in got[p] if r["wall_s"] not in (None, "")])[0]
                  for p in PRECISIONS}
         diff = stats["auto"][0] - stats["no"][0]
-        tol = max(0.5, *(s for _, s in stats.values() if s is not None))
+        tol = max([0.5, *(s for _, s in stats.values() if s is not None)])
         seeds = sorted({int(r["seed"]) for p in PRECISIONS for r in got[p]})
 
         def fmt(ms):

@@ -195,3 +195,6 @@ def test_precision_study_rows_and_table(tmp_path):
     line = next(x for x in (tmp_path / "p.md").read_text().splitlines() if x.startswith(f"| {rows[0]['study']}"))
     # fp32 61.00 ± 1.41, auto 62.50 ± 2.12, diff +1.50 within max(0.5, 1.41, 2.12)
     assert "| 61.00 ± 1.41 | 62.50 ± 2.12 | +1.50 | yes | 0,1 | 500 | 210 |" in line
+    precision.write(rows[::2], tmp_path / "one")  # one seed per precision: no spread, the 0.5-point band
+    line = next(x for x in (tmp_path / "one.md").read_text().splitlines() if x.startswith(f"| {rows[0]['study']}"))
+    assert "| 60.00 | 61.00 | +1.00 | NO | 0 | 500 | 200 |" in line
