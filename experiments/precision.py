@@ -146,8 +146,11 @@ def write(rows: list[dict], stem: Path) -> None:
              "Each study row is a committed suite row at the same seeds, teacher and options; `auto` resolves to",
              "bf16 autocast + channels-last on this CPU (see the `resolved` column of precision-cpu.csv). Top-1 in",
              "percent, mean ± sample std over the seeds; diff = auto - fp32; within = |diff| <= max(0.5, fp32 std,",
-             "auto std). Wall time: mean seconds per run (fp32 rows from committed CSVs were timed on an earlier",
-             "machine of this kind; see the `device` column).", "",
+             "auto std). Wall time: mean seconds per run, a by-product and not a benchmark (runs may share the",
+             "cores with other work; side-by-side speed ratios are in speed-cpu.md)."]
+    if any(not str(r.get("source", "")).startswith("run ") for r in rows):
+        lines.append("Rows whose `source` is a committed CSV were timed on an earlier machine of this kind.")
+    lines += ["",
              "| study | fp32 top-1 | auto top-1 | diff | within | seeds | fp32 wall s | auto wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for study in STUDIES:
@@ -190,11 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     # seed 0 of every study row (both precisions) first, then seed 1...: a stopped study leaves pairs on every row
     order = [(study, seed, precision) for seed in seeds for study in STUDIES if seed in study.seeds
              for precision in PRECISIONS]
+    # rows already in precision-cpu.csv stand for runs whose folders are gone (a new machine): nothing is lost
+    prior = {(r["study"], r["precision"], int(r["seed"])): r
+             for r in suite_lib.read_rows(results / "precision-cpu.csv")}
     for study, seed, precision in order:
         chosen = ((not args.only or study.name in args.only) and precision in args.precisions
                   and (args.seeds is None or seed in args.seeds))
-        row = run_one(study, precision, seed, out_dir=out, results=results, fresh=args.fresh,
-                      dry=args.collect or not chosen)
+        if (study.name, precision, seed) in prior and not (out / folder_of(study, precision, seed)).exists():
+            row = prior[(study.name, precision, seed)]
+        else:
+            row = run_one(study, precision, seed, out_dir=out, results=results, fresh=args.fresh,
+                          dry=args.collect or not chosen)
         if row is not None:
             rows.append(row)
             if not args.collect and chosen:

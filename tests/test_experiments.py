@@ -198,3 +198,23 @@ def test_precision_study_rows_and_table(tmp_path):
     precision.write(rows[::2], tmp_path / "one")  # one seed per precision: no spread, the 0.5-point band
     line = next(x for x in (tmp_path / "one.md").read_text().splitlines() if x.startswith(f"| {rows[0]['study']}"))
     assert "| 60.00 | 61.00 | +1.00 | NO | 0 | 500 | 200 |" in line
+
+
+def test_precision_collect_keeps_rows_whose_run_folders_are_gone(tmp_path):
+    """On a new machine the run folders are gone: --collect rebuilds the tables from precision-cpu.csv."""
+    import precision
+    study = precision.STUDIES[0]
+    rows = [{"study": study.name, "method": study.row, "precision": p, "seed": s, "student_top1": top1,
+             "wall_s": 100, "source": f"run {precision.folder_of(study, p, s)}"}
+            for p, s, top1 in (("no", 0, 0.60), ("auto", 0, 0.59))]
+    precision.write(rows, tmp_path / "precision-cpu")
+    assert precision.main(["--collect", "--out", str(tmp_path / "runs"), "--results", str(tmp_path)]) == 0
+    kept = _csv_rows(tmp_path / "precision-cpu.csv")
+    assert [(r["precision"], r["seed"], r["student_top1"]) for r in kept] == [("no", "0", "0.6"), ("auto", "0", "0.59")]
+    assert "| 60.00 | 59.00 | -1.00 | NO | 0 |" in (tmp_path / "precision-cpu.md").read_text()
+
+
+def _csv_rows(path):
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
