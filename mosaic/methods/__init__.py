@@ -206,6 +206,7 @@ def frozen_bn_stats(*modules: nn.Module) -> Iterator[None]:
 
 _METHODS: dict[str, type[Method]] = {}
 _PLUGINS_LOADED = False
+_PLUGIN_NAMES: list[str] = []  # the entry points loaded (empty when the package is not installed)
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -220,15 +221,19 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def _load_plugins() -> None:
-    """Import the built-in methods and every `mosaic_kd.methods` entry point once (`baselines` is one)."""
+    """Import the built-in methods and every `mosaic_kd.methods` entry point once.
+
+    The registry imports nothing above it: methods outside this package (`baselines`, MKD in
+    `mosaic.anomaly`) register through the entry point group, as outside projects do.
+    """
     global _PLUGINS_LOADED
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
-    from mosaic.anomaly import method as mkd  # noqa: F401  (registration side effect)
-    from mosaic.methods import mosaic_kd, supervised  # noqa: F401
+    from mosaic.methods import mosaic_kd, supervised  # noqa: F401  (registration side effect)
     for ep in metadata.entry_points(group="mosaic_kd.methods"):
         ep.load()
+        _PLUGIN_NAMES.append(ep.name)
 
 
 def list_methods() -> list[str]:
@@ -243,6 +248,9 @@ def get_method(name: str) -> type[Method]:
     if name not in _METHODS:
         close = difflib.get_close_matches(str(name), list(_METHODS), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
+        if not _PLUGIN_NAMES:
+            hint += ("; no `mosaic_kd.methods` entry points were found (baselines, mkd), so mosaic-kd is not "
+                     "installed: run `pip install -e .` in the checkout")
         raise ConfigError(f"unknown method '{name}'{hint} (known: {', '.join(sorted(_METHODS))})")
     return _METHODS[name]
 
