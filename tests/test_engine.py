@@ -60,6 +60,29 @@ def test_resume_matches_uninterrupted_run(tiny_task, tiny_teacher, tmp_path, mon
     metrics = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
                if "loss_s" in x]
     assert metrics == [1, 2, 3, 4, 5, 6]  # no duplicated or missing lines after the resume
+    assert full["resumes"] == 0 and resumed["resumes"] == 1
+
+
+def test_wall_time_adds_up_over_a_resume_and_runs_on_through_a_guard_restore(monkeypatch):
+    """results.json's wall_s: the seconds up to the checkpoint (30) plus the resumed process's own (10)."""
+    from mosaic.engine.loop import Progress
+    clock = [100.0]
+    monkeypatch.setattr("time.time", lambda: clock[0])
+    first = Progress()
+    clock[0] = 130.0
+    state = first.state_dict()
+    assert state["elapsed_s"] == 30.0 and state["resumes"] == 0
+    clock[0] = 500.0  # a new process, minutes later
+    second = Progress()
+    second.load_state_dict(state)
+    second.resumed()
+    clock[0] = 510.0
+    assert second.elapsed() == 40.0 and second.resumes == 1
+    assert second.state_dict()["resumes"] == 1
+    third = Progress()  # the guard going back to a checkpoint in the same process: the clock keeps running
+    clock[0] = 560.0
+    third.load_state_dict(state)
+    assert third.elapsed() == 50.0 and third.resumes == 0
 
 
 def test_lr_schedules():

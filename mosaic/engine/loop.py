@@ -28,20 +28,37 @@ from mosaic.precision import Precision, cpu_name, resolve_precision, run_device
 
 
 class Progress:
-    """The step counter and the divergence guard's restore count, checkpointed with the run."""
+    """The step counter, the guard's restore count and the run's training seconds, checkpointed with the run."""
 
     def __init__(self) -> None:
         self.step = 0
         self.restores = 0      # times the guard went back to a checkpoint
         self.lr_scale = 1.0    # learning-rate multiplier those restores applied
+        self.resumes = 0       # times the run was resumed from a checkpoint (resume=true)
+        self.before = 0.0      # training seconds of the run's earlier processes, up to the checkpoint resumed
+        self.started = time.time()
+        self._saved_seconds, self._saved_resumes = 0.0, 0
+
+    def elapsed(self) -> float:
+        """Training seconds of the run so far, summed over every process that made it (a resume adds up)."""
+        return self.before + time.time() - self.started
+
+    def resumed(self) -> None:
+        """This process continues the checkpoint just loaded: its seconds and resume count carry over."""
+        self.before, self.started = self._saved_seconds, time.time()
+        self.resumes = self._saved_resumes + 1
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "restores": self.restores, "lr_scale": self.lr_scale}
+        return {"step": self.step, "restores": self.restores, "lr_scale": self.lr_scale,
+                "elapsed_s": self.elapsed(), "resumes": self.resumes}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.restores = int(state.get("restores", 0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
+        # a guard restore in the same process keeps its clock running; only resume() takes these over
+        self._saved_seconds = float(state.get("elapsed_s", 0.0))
+        self._saved_resumes = int(state.get("resumes", 0))
 
 
 class StopFlag:
@@ -152,7 +169,7 @@ def train(cfg: dict) -> dict[str, Any]:
             return every > 0 and step % every == 0 and step != steps
 
         sums: dict[str, Tensor] = {}
-        count, last_eval, t_start = 0, {}, time.time()
+        count, last_eval = 0, {}
         bar = tqdm(total=steps, initial=progress.step, disable=not (main and cfg["progress"]), desc=cfg["method"],
                    dynamic_ncols=True)
         with StopFlag() as stop:
@@ -177,7 +194,7 @@ def train(cfg: dict) -> dict[str, Any]:
                     values = {k: float(accelerator.reduce(v / count, reduction="mean").item()) for k, v in sums.items()}
                     if schedulers:
                         values["lr"] = schedulers[0].get_last_lr()[0]
-                    values["elapsed_s"] = round(time.time() - t_start, 3)
+                    values["elapsed_s"] = round(progress.elapsed(), 3)
                     log.write(step, values)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:4]})
                     sums, count = {}, 0
@@ -192,7 +209,8 @@ def train(cfg: dict) -> dict[str, Any]:
                     bar.close()
                     raise SystemExit(f"stopped by signal at step {step}; checkpoint saved, resume with resume=true")
         bar.close()
-        results = finish(cfg, task, method, accelerator, folder, log, evaluator, wall=time.time() - t_start)
+        results = finish(cfg, task, method, accelerator, folder, log, evaluator, wall=progress.elapsed())
+        results["resumes"] = progress.resumes  # wall_s sums the training seconds of every process
         if guard.enabled:
             results["guard"] = {"restores": progress.restores, "lr_scale": progress.lr_scale,
                                 "skipped_updates": len(guard.skipped), "first_skips": guard.skipped[:10]}
@@ -219,6 +237,7 @@ def resume(accelerator, folder, progress: Progress) -> int | None:
         if accelerator.is_main_process:
             print(f"resume=true but {folder} has no usable checkpoint: starting from step 0")
         return None
+    progress.resumed()
     if accelerator.is_main_process:
         print(f"resumed {folder} from step {progress.step}")
     return progress.step
