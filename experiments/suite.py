@@ -9,7 +9,12 @@ train-teacher`), `common` (overrides for every distillation run) and `methods`
 (row name -> overrides; a `method` override runs that method under the row's name, `label`
 renames a row, so one method can appear twice). The
 teacher run (`teacher_run`, default `<suite>-teacher`) is reused when its model
-already exists, so suites with the same teacher section can share it.
+already exists, so suites with the same teacher section can share it. `teacher_path:
+../shared/teachers/NAME` (relative to the repository root) names a teacher trained once for
+everyone instead: it is used in place and never trained here (the `teacher` section is then unused).
+
+A row whose run folder holds checkpoints but no results.json (a killed run) resumes from its last
+checkpoint; a finished row is run again from scratch.
 
 Seeds: `seeds: [0, 1, 2]` at the top of a suite (a row may override it with its own
 `seeds:`), or `--seeds N` on the command line (seeds 0..N-1 for every row, over the file),
@@ -131,7 +136,7 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
             continue
         items = {**data, **spec.get("common", {}), "method": run.method, **run.overrides,
                  "teacher": str(teacher_dir / "model.safetensors"), "out_dir": str(out_dir),
-                 "name": run.folder, "overwrite": True}
+                 "name": run.folder, **resume_items(out_dir / run.folder)}
         print(f"[suite] {run.folder}: {' '.join(as_overrides(items))}", flush=True)
         rows.append(row_of(run, train(_resolve(as_overrides(items)))))
     if results_dir is not None:
@@ -162,6 +167,8 @@ def ensure_teacher(name: str, spec: dict, data: dict, *, out_dir: Path, run_name
     from mosaic.cli import TEACHER_BASE, _resolve
     from mosaic.engine import train
 
+    if spec.get("teacher_path") and run_name is None:  # a shared teacher, used in place and never retrained
+        return shared_teacher(name, spec["teacher_path"]), None
     teacher_dir = out_dir / (run_name or spec.get("teacher_run", f"{name}-teacher"))  # suites may share a teacher
     if (teacher_dir / "model.safetensors").exists():
         return teacher_dir, None
@@ -172,6 +179,24 @@ def ensure_teacher(name: str, spec: dict, data: dict, *, out_dir: Path, run_name
     seconds = time.time() - start
     print(f"[suite] teacher {teacher_dir.name} trained in {seconds:.0f}s", flush=True)
     return teacher_dir, seconds
+
+
+def shared_teacher(name: str, path: str) -> Path:
+    """The folder of a suite's `teacher_path` (relative to the repository root), checked before any run starts."""
+    folder = Path(path) if Path(path).is_absolute() else HERE.parent / path
+    if not (folder / "model.safetensors").is_file():
+        raise SuiteError(f"suite {name}: teacher_path {path} has no model.safetensors ({folder.resolve()}); "
+                         f"shared teachers live in ../shared/teachers beside the checkout (see its README)")
+    return folder
+
+
+def resume_items(folder: Path) -> dict:
+    """Overrides that continue a killed run from its last checkpoint, or start the folder afresh."""
+    from mosaic.engine.folder import checkpoints
+    if not (folder / "results.json").exists() and checkpoints(folder):
+        print(f"[suite] {folder.name}: unfinished, resuming from {checkpoints(folder)[-1].name}", flush=True)
+        return {"resume": True}
+    return {"overwrite": True}
 
 
 def row_of(run: Run, res: dict) -> dict:

@@ -26,7 +26,7 @@ def test_suites_resolve(path):
     from suite import plan
 
     spec = yaml.safe_load(path.read_text())
-    _resolve(items({**spec.get("data", {}), **spec["teacher"]}), TEACHER_BASE)
+    _resolve(items({**spec.get("data", {}), **spec.get("teacher", {})}), TEACHER_BASE)
     for run in plan(path.stem, spec):
         cfg = _resolve(items({**spec.get("data", {}), **spec.get("common", {}), "method": run.method,
                               **run.overrides}))
@@ -105,6 +105,32 @@ def test_three_seeds_give_three_runs_and_their_mean_and_sample_std(tiny_task, ti
     mean2 = (top1[0] + top1[1]) / 2
     std2 = (((top1[0] - mean2) ** 2 + (top1[1] - mean2) ** 2) / 1) ** 0.5
     assert f"| supervised | 0,1 | {100 * mean2:.2f} ± {100 * std2:.2f} |" in (tmp_path / "two" / "tiny.md").read_text()
+
+
+def test_suite_teacher_path_is_used_in_place_and_a_killed_row_resumes(tiny_task, tiny_teacher, tmp_path):
+    from suite import SuiteError, run_suite
+
+    path = tiny_suite(tmp_path, tiny_task, tiny_teacher, teacher_path=str(tiny_teacher.parent))
+    spec = yaml.safe_load(path.read_text())
+    spec["common"]["ckpt_every"] = 2
+    path.write_text(yaml.safe_dump(spec))
+    runs = tmp_path / "out"
+    first = run_suite(str(path), out_dir=runs, results_dir=None)
+    assert sorted(p.name for p in runs.iterdir()) == ["tiny-supervised"]  # no teacher trained or copied
+    cfg = yaml.safe_load((runs / "tiny-supervised" / "config.yaml").read_text())
+    assert Path(cfg["teacher"]["checkpoint"]) == tiny_teacher
+    # a killed row: checkpoints, no results.json -> resumed from step 3 (the last checkpoint), not started over
+    (runs / "tiny-supervised" / "results.json").unlink()
+    again = run_suite(str(path), out_dir=runs, results_dir=None)
+    res = json.loads((runs / "tiny-supervised" / "results.json").read_text())
+    assert res["resumes"] == 1 and again[0]["student_top1"] == first[0]["student_top1"]
+    run_suite(str(path), out_dir=runs, results_dir=None)  # a finished row runs again from scratch
+    assert json.loads((runs / "tiny-supervised" / "results.json").read_text())["resumes"] == 0
+
+    spec["teacher_path"] = str(tmp_path / "nowhere")
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SuiteError, match="teacher_path .*nowhere has no model.safetensors.*shared/teachers"):
+        run_suite(str(path), out_dir=runs, results_dir=None)
 
 
 def test_seed_options_name_the_run_folders():
