@@ -120,7 +120,7 @@ def offline_data() -> bool:
 
 
 def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[str] | None = None,
-              seeds: int | None = None) -> list[dict]:
+              seeds: int | None = None, only_seeds: list[int] | None = None) -> list[dict]:
     """Train (or reuse) the suite's teacher, run its rows (at each seed), write the tables; returns one row per run."""
     from mosaic.cli import _resolve
     from mosaic.engine import train
@@ -132,7 +132,7 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
     teacher_dir, teacher_s = ensure_teacher(name, spec, data, out_dir=out_dir)
     rows = []
     for run in runs:
-        if only and run.label not in only:
+        if (only and run.label not in only) or (only_seeds is not None and run.seed not in only_seeds):
             continue
         items = {**data, **spec.get("common", {}), "method": run.method, **run.overrides,
                  "teacher": str(teacher_dir / "model.safetensors"), "out_dir": str(out_dir),
@@ -141,7 +141,7 @@ def run_suite(name: str, *, out_dir: Path, results_dir: Path | None, only: list[
         rows.append(row_of(run, train(_resolve(as_overrides(items)))))
     if results_dir is not None:
         footer = ""
-        if only:  # keep the committed rows of the methods not re-run, in the suite's order
+        if only or only_seeds is not None:  # keep the committed rows not re-run, in the suite's order
             rows = merge_rows(read_rows(results_dir / f"{name}.csv"), rows, order=labels_of(spec))
         else:
             footer = whole_run_line(time.time() - start, teacher_s=teacher_s)
@@ -211,11 +211,17 @@ def collect(name: str, *, out_dir: Path, results_dir: Path, seeds: int | None = 
     """Rebuild a suite's tables from the results.json of its run folders (runs made in several processes)."""
     name, spec = load_spec(name)
     runs = plan(name, spec, seeds=seeds)
+    # a run whose folder is gone (made on another machine) keeps its committed line
+    committed = {(r["method"], str(r.get("seed", ""))): r for r in read_rows(results_dir / f"{name}.csv")}
     rows = []
     for run in runs:
         path = out_dir / run.folder / "results.json"
+        old = committed.get((run.label, "" if run.seed is None else str(run.seed)))
         if path.exists():
             rows.append(row_of(run, json.loads(path.read_text())))
+        elif old is not None:
+            print(f"[suite] no {path}: the committed line kept", flush=True)
+            rows.append(old)
         else:
             print(f"[suite] no {path}: row left out", flush=True)
     write_tables(rows, results_dir / name, title=spec.get("title", name), note=spec.get("note", ""),
@@ -331,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tables", action="store_true", help="do not write <results>/<suite>.*")
     parser.add_argument("--only", nargs="*", help="run only these methods")
     parser.add_argument("--seeds", type=int, help="run every row with seeds 0..N-1 (overrides the file's seeds)")
+    parser.add_argument("--only-seeds", nargs="*", type=int, help="run only these seeds of the rows")
     parser.add_argument("--collect", action="store_true",
-                        help="train nothing: rebuild the table from the run folders' results.json")
+                        help="train nothing: rebuild the table from the run folders' results.json (runs whose "
+                             "folder is gone keep their committed line)")
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
@@ -343,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown(rows, seeds=seeds))
             return 0
         rows = run_suite(args.suite, out_dir=Path(args.out), only=args.only, seeds=args.seeds,
-                         results_dir=None if args.no_tables else Path(args.results))
+                         only_seeds=args.only_seeds, results_dir=None if args.no_tables else Path(args.results))
     except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

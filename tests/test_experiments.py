@@ -106,6 +106,18 @@ def test_three_seeds_give_three_runs_and_their_mean_and_sample_std(tiny_task, ti
     std2 = (((top1[0] - mean2) ** 2 + (top1[1] - mean2) ** 2) / 1) ** 0.5
     assert f"| supervised | 0,1 | {100 * mean2:.2f} ± {100 * std2:.2f} |" in (tmp_path / "two" / "tiny.md").read_text()
 
+    # on another machine the run folders are gone: --collect keeps their committed lines, it does not drop them
+    shutil.rmtree(runs / "tiny-supervised-s1")
+    assert main([str(path), "--collect", "--out", str(runs), "--results", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "tiny.csv").read_text() == (tables / "tiny.csv").read_text()
+
+    # --only-seeds runs just those seeds and merges them into the committed table
+    from suite import run_suite as run_again
+    run_again(str(path), out_dir=runs, results_dir=tmp_path / "again", only_seeds=[1])
+    assert (runs / "tiny-supervised-s1" / "results.json").exists()
+    with open(tmp_path / "again" / "tiny.csv", newline="") as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1", "2"]
+
 
 def test_suite_teacher_path_is_used_in_place_and_a_killed_row_resumes(tiny_task, tiny_teacher, tmp_path):
     from suite import SuiteError, run_suite
@@ -244,3 +256,18 @@ def _csv_rows(path):
     import csv
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_regime_cells_hold_the_margins_of_the_committed_tables():
+    """mosaic/regime_cells.json (inspect's evidence) agrees with the results CSVs it was made from."""
+    import regime_pools
+    from mosaic.pool_stats import load_cells
+
+    cells = {c["name"]: c for c in load_cells()}
+    assert sorted(cells) == sorted(c.name for c in regime_pools.CELLS)
+    for cell in regime_pools.CELLS:
+        margin, teacher_then = regime_pools.measured(cell, EXP / "results")
+        assert cells[cell.name]["mosaic_minus_kd"] == margin and cells[cell.name]["teacher_top1_then"] == teacher_then
+    # by hand: cpu-small-t3-ood1k, MosaicKD (60.96 + 62.07) / 2 against KD (58.68 + 58.42) / 2
+    t3_1k = regime_pools.measured(regime_pools.CELLS[4], EXP / "results")[0]
+    assert t3_1k == pytest.approx((60.96 + 62.07) / 2 - (58.68 + 58.42) / 2, abs=0.006)
