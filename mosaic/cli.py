@@ -3,6 +3,7 @@
     mosaic train-teacher [config.yaml] [key=value ...]
     mosaic distill [config.yaml] [key=value ...]
     mosaic evaluate MODEL [key=value ...]
+    mosaic inspect [config.yaml] teacher=... ood=... [test=...] [key=value ...] [out=DIR]   # before distilling
     mosaic export RUN --format onnx|torchscript [--opset N] [--batch N]   # needs [export] for onnx
     mosaic anomaly fit|score [...]              # MKD anomaly detection (mosaic/anomaly/cli.py)
     accelerate launch -m mosaic distill ...      # several processes / GPUs / machines
@@ -34,6 +35,7 @@ EXAMPLES = {
     "distill": "mosaic distill teacher=runs/teacher-wrn40_2 student.arch=wrn16_1 ood=tiny-imagenet steps=2000",
     "evaluate": "mosaic evaluate runs/mosaic-wrn16_1/model.safetensors data.test=cifar10",
     "export": "mosaic export runs/mosaic-wrn16_1 --format onnx",
+    "inspect": "mosaic inspect teacher=runs/teacher-wrn40_2 ood=tiny-imagenet test=cifar10 out=runs/inspect-tin",
 }
 
 
@@ -65,6 +67,23 @@ def _cmd_evaluate(model: str, items: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_inspect(items: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from mosaic.inspect_pool import inspect_pool, text_report
+    outs = [x for x in items if x.startswith("out=")]
+    items = [x for x in items if not x.startswith("out=")]
+    out = Path(outs[-1][len("out="):] if outs else "runs/inspect")
+    # only the data sets given count (no default in-domain sets), the pool at its full size unless limited
+    cfg = _resolve(items, {"data": {"train": None, "test": None}})
+    if (out / "inspect.json").exists() and not cfg["overwrite"]:
+        raise config_lib.ConfigError(f"{out} already holds an inspect.json: pass overwrite=true or out=<new folder>")
+    report = inspect_pool(cfg, out)
+    print(text_report(report))
+    print(f"wrote {out / 'inspect.json'} and {out / 'inspect.png'}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `mosaic` command."""
     parser = argparse.ArgumentParser(prog="mosaic", description="Knowledge distillation without the teacher's data.")
@@ -81,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Top-1 of a saved model (and agreement with a teacher). Example: {EXAMPLES['evaluate']}")
     p.add_argument("model", help="model.safetensors (with its .json) or a run folder")
     p.add_argument("args", nargs="*", metavar="key=value", help="overrides, e.g. data.test=cifar10 teacher=PATH")
+    p = sub.add_parser("inspect", help="before distilling: what the teacher sees in an OOD pool, and advice",
+                       description="One teacher pass over the OOD pool (and the in-domain test set when test= is "
+                       "given): class spread, confidence, the images the teacher is surest of per class, and which "
+                       "method the measured regime map favours. Writes DIR/inspect.json and DIR/inspect.png "
+                       f"(default DIR: runs/inspect). Example: {EXAMPLES['inspect']}")
+    p.add_argument("args", nargs="*", metavar="[config.yaml] key=value",
+                   help="teacher=, ood=, optional test=, data.ood_limit / data.ood_classes / data.ood_select=N, "
+                        "out=DIR")
     p = sub.add_parser("export", help="write a run's model as ONNX or TorchScript, checked against PyTorch",
                        description="Write RUN/model.onnx or RUN/model.torchscript.pt (input: normalised float "
                        "images; mean, std, size, channels, classes and arch stored in the file) and check its "
@@ -113,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train(args.args, base={}, print_config=args.print_config)
         if args.command == "evaluate":
             return _cmd_evaluate(args.model, args.args)
+        if args.command == "inspect":
+            return _cmd_inspect(args.args)
         if args.command == "export":
             from mosaic.export import export
             export(args.run, fmt=args.format, opset=args.opset, batch=args.batch, tolerance=args.tolerance)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mosaic.data import ImageSet, cache_dir
+from mosaic.pool_stats import most_uncertain
 
 
 def select_ood(ood: ImageSet, ctx, *, keep: int, teacher_file: str | None, batch_size: int = 512) -> ImageSet:
@@ -28,9 +29,7 @@ def select_ood(ood: ImageSet, ctx, *, keep: int, teacher_file: str | None, batch
         index = torch.load(path)
     else:
         logits = ctx.predict(ctx.teacher, ood.images.to(ctx.device), batch_size=batch_size)
-        log_p = torch.log_softmax(logits, dim=1)
-        ent = -(log_p.exp() * log_p).sum(1)
-        index = torch.argsort(ent, descending=True)[:keep].sort().values.cpu()
+        index = most_uncertain(torch.softmax(logits, dim=1), keep).cpu()  # what `mosaic inspect` reports
         if ctx.accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
