@@ -4,7 +4,9 @@
     -> experiments/results/<suite>-curves.png and <suite>-samples.png (needs the [plot] extra: matplotlib)
 
 A suite with seeds (see suite.py) gets one curve per method: the mean over its seeds, with
-a band from the lowest to the highest seed at each evaluation.
+a band from the lowest to the highest seed at each evaluation. A suite's `reference_curves` (label,
+total iterations, [iteration, top-1] points) and `reference_lines` (label, top-1) are drawn in grey
+for context: figures measured elsewhere, named as such in their labels.
 """
 from __future__ import annotations
 
@@ -75,11 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         if len(seed_curves) > 1:
             several = True
             ax.fill_between(x, [100 * t for t in lo], [100 * t for t in hi], color=line.get_color(), alpha=0.2)
+    for ref in spec.get("reference_curves", []):  # points measured elsewhere, drawn for context only
+        total = ref["total"]
+        ax.plot([i / total for i, _ in ref["points"]], [t for _, t in ref["points"]], linestyle=":", marker="s",
+                color="grey", label=ref["label"])
+    for ref in spec.get("reference_lines", []):
+        ax.axhline(ref["top1"], linestyle="--", linewidth=0.8, color="grey")
+        ax.annotate(ref["label"], (0.01, ref["top1"]), textcoords="offset points", xytext=(0, 2), fontsize=7,
+                    color="dimgrey")
     ax.set_xlabel("fraction of the training budget (equal student updates)")
     ax.set_ylabel("student top-1 (%)")
     ax.set_title(name + (" (band: lowest to highest seed)" if several else ""))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(results / f"{name}-curves.png", dpi=120)
     print(f"wrote {results / f'{name}-curves.png'}")
