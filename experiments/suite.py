@@ -41,7 +41,8 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
-COLUMNS = ["method", "student_top1", "agreement", "teacher_top1", "steps", "wall_s", "device", "student", "teacher"]
+COLUMNS = ["method", "student_top1", "agreement", "teacher_top1", "steps", "student_updates", "student_images", "wall_s",
+           "device", "student", "teacher"]
 SEED_COLUMNS = ["method", "seed", *COLUMNS[1:]]  # the CSV of a suite with seeds: one line per run
 SPREAD = ("student_top1", "agreement")  # reported as mean ± std over seeds; the other numbers as means
 PERCENT = ("student_top1", "agreement", "teacher_top1")
@@ -281,7 +282,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         agg = {"method": label, "seeds": ",".join(str(r["seed"]) for r in group if r.get("seed") not in (None, ""))}
         for k in ("student_top1", "agreement", "teacher_top1", "wall_s"):
             agg[k] = mean_std([float(r[k]) for r in group if r.get(k) not in (None, "")])
-        agg.update({k: group[0].get(k) for k in ("steps", "device", "student", "teacher")})
+        agg.update({k: group[0].get(k) for k in ("steps", "student_updates", "student_images", "device", "student",
+                                                 "teacher")})
         out.append(agg)
     return out
 

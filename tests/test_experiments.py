@@ -146,15 +146,17 @@ def test_suite_teacher_path_is_used_in_place_and_a_killed_row_resumes(tiny_task,
 
 
 def test_seed_options_name_the_run_folders():
-    from suite import SuiteError, load_spec, plan
+    from suite import SuiteError, load_spec, plan, seeded
 
     name, spec = load_spec("cpu-16px-ood1k")  # seed-less, with hand-made -s1 rows: folder names as before
     assert [r.folder for r in plan(name, spec)] == ["cpu-16px-ood1k-mosaic", "cpu-16px-ood1k-mosaic_ref",
                                                     "cpu-16px-ood1k-kd_ood", "cpu-16px-ood1k-mosaic-s1",
                                                     "cpu-16px-ood1k-kd_ood-s1"]
     assert [r.seed for r in plan(name, spec)] == [None] * 5
-    for path in sorted((EXP / "suites").glob("*.yaml")):  # every committed suite keeps <suite>-<label>
+    for path in sorted((EXP / "suites").glob("*.yaml")):  # every seed-less committed suite keeps <suite>-<label>
         name, spec = load_spec(str(path))
+        if seeded(plan(name, spec)):
+            continue
         assert [r.folder for r in plan(name, spec)] == [f"{name}-{label}" for label in labels_of(spec)]
 
     spec = {"seeds": [0, 1, 2], "methods": {"mosaic": None, "kd": {"method": "kd_ood", "seeds": [7]}}}
@@ -178,8 +180,12 @@ def test_seed_band_is_mean_min_max_at_shared_steps():
 
 def test_committed_cpu_suites_pin_the_precision_they_were_made_in():
     """Tables made in fp32 before mixed_precision=auto re-run as made; the demo runs the defaults."""
+    made_with_auto = {"cpu-wrn"}  # suites first run after issue 23: the defaults, no pin
     for path in sorted((EXP / "suites").glob("*.yaml")):
         spec = yaml.safe_load(path.read_text())
+        if path.stem in made_with_auto:
+            assert "mixed_precision" not in spec["common"], path.name
+            continue
         if path.stem.startswith(("cpu-", "regime-")):
             for section in ("teacher", "common"):
                 assert spec[section]["mixed_precision"] == "no", (path.name, section)
