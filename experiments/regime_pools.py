@@ -3,7 +3,8 @@
 For each measured cell (a teacher and a pool on which MosaicKD and KD on the pool were compared), this
 trains or reuses the cell's teacher as its suite does, runs `mosaic inspect` on the cell's pool with the
 CIFAR-10 test set beside it, and stores the statistics with the cell's measured winner, read from the
-committed results CSVs (MosaicKD - KD in points, mean over the seeds the CSV holds).
+committed results CSVs (MosaicKD - KD in points, mean over the seeds the CSV holds for both rows). An
+inspect folder already in --out (runs/inspect-<suite>-<row>) is read, not made again.
 
     python experiments/regime_pools.py               # writes mosaic/regime_cells.json and results/regime-pools.md
     python experiments/regime_pools.py --out /tmp/r  # run folders (teachers, inspect output) elsewhere
@@ -51,14 +52,21 @@ CELLS = (
          ("mosaic", "mosaic-s1"), ("kd_ood", "kd_ood-s1"), "1,000 steps, seeds 0-1"),
     Cell("three-epoch teacher, 1k far pool", "regime-t3", "mosaic-far", "regime-t3.csv", ("mosaic-far",),
          ("kd_ood-far",), "400 steps, seed 0"),
+    Cell("WRN-40-2 teacher (paper pair), 10k near pool", "cpu-wrn", "mosaic", "cpu-wrn.csv", ("mosaic",),
+         ("kd_ood",), "1,440 steps at 64 + 64, seeds {seeds}"),
 )
 
 
 def measured(cell: Cell, results: Path) -> tuple[float, float]:
-    """(MosaicKD - KD in points, the teacher top-1 of those runs) from the cell's committed CSV."""
+    """(MosaicKD - KD in points, the teacher top-1 of those runs) from the cell's committed CSV.
+
+    With a seed column, only the seeds both rows have count (a comparison stopped half-way stays paired).
+    """
     rows = suite_lib.read_rows(results / cell.results)
     if not rows:
         raise SystemExit(f"no committed {results / cell.results}")
+    if "seed" in rows[0]:
+        rows = [r for r in rows if r["seed"] in set(paired_seeds(cell, rows))]
 
     def mean(labels):
         vals = [float(r["student_top1"]) for r in rows if r["method"] in labels]
@@ -67,6 +75,19 @@ def measured(cell: Cell, results: Path) -> tuple[float, float]:
         return 100 * sum(vals) / len(vals)
     teacher = next(float(r["teacher_top1"]) for r in rows if r["method"] in cell.mosaic_rows)
     return round(mean(cell.mosaic_rows) - mean(cell.kd_rows), 2), teacher
+
+
+def paired_seeds(cell: Cell, rows: list[dict]) -> list[str]:
+    """The seeds at which both the MosaicKD and the KD rows of a cell were run."""
+    def seeds(labels):
+        return {r["seed"] for r in rows if r["method"] in labels}
+    return sorted(seeds(cell.mosaic_rows) & seeds(cell.kd_rows), key=int)
+
+
+def note_of(cell: Cell, results: Path) -> str:
+    """The cell's note, with the seeds the comparison holds filled in."""
+    rows = suite_lib.read_rows(results / cell.results)
+    return cell.note.format(seeds=",".join(paired_seeds(cell, rows)) if rows and "seed" in rows[0] else "")
 
 
 def inspect_cell(cell: Cell, *, out_dir: Path) -> dict:
@@ -81,6 +102,8 @@ def inspect_cell(cell: Cell, *, out_dir: Path) -> dict:
     items = {**data, **pool, "data.train": None, "teacher": str(teacher_dir / "model.safetensors"), "progress": False}
     cfg = _resolve(suite_lib.as_overrides(items))
     folder = out_dir / ("inspect-" + cell.suite + "-" + cell.row)
+    if (folder / "inspect.json").exists():  # made earlier by this script: the statistics do not change
+        return json.loads((folder / "inspect.json").read_text())
     return inspect_pool(cfg, folder)
 
 
@@ -104,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         here = report["test"]["teacher_top1"]
         winner = "mosaic" if margin > 0 else "kd_ood"
         cells.append({"name": cell.name, "winner": winner, "mosaic_minus_kd": margin,
-                      "source": f"experiments/results/{cell.results} ({cell.note})", "pool": report["pool"],
+                      "source": f"experiments/results/{cell.results} ({note_of(cell, results)})", "pool": report["pool"],
                       "teacher_top1_here": round(here, 4), "teacher_top1_then": teacher_then, "stats": stats})
-        lines.append(f"| {cell.name} | {winner} | {margin:+.2f} | {cell.results}, {cell.note} | {stats['pool_size']} | "
+        lines.append(f"| {cell.name} | {winner} | {margin:+.2f} | {cell.results}, {note_of(cell, results)} | "
+                     f"{stats['pool_size']} | "
                      f"{stats['rarest_ratio']:.3f} | {stats['coverage_entropy']:.3f} | {stats['mean_max_prob']:.3f} | "
                      f"{100 * here:.2f} | {100 * teacher_then:.2f} |")
         print(lines[-1], flush=True)
