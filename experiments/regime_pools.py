@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 
 import suite as suite_lib  # noqa: E402
 
+TIE = 0.5  # points: a smaller margin is a tie (seeds of these recipes spread by 0.1 to 0.8), KD then is the cheaper pick
 STATS = ("pool_size", "num_classes", "counts", "rarest_share", "commonest_share", "rarest_ratio", "coverage_entropy",
          "mean_max_prob")
 
@@ -77,6 +78,11 @@ def measured(cell: Cell, results: Path) -> tuple[float, float]:
     return round(mean(cell.mosaic_rows) - mean(cell.kd_rows), 2), teacher
 
 
+def winner_of(margin: float) -> str:
+    """mosaic, kd_ood, or tie when MosaicKD - KD is within TIE points."""
+    return "mosaic" if margin >= TIE else "kd_ood" if margin <= -TIE else "tie"
+
+
 def paired_seeds(cell: Cell, rows: list[dict]) -> list[str]:
     """The seeds at which both the MosaicKD and the KD rows of a cell were run."""
     def seeds(labels):
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         report = inspect_cell(cell, out_dir=out)
         stats = {k: report[k] for k in STATS}
         here = report["test"]["teacher_top1"]
-        winner = "mosaic" if margin > 0 else "kd_ood"
+        winner = winner_of(margin)
         cells.append({"name": cell.name, "winner": winner, "mosaic_minus_kd": margin,
                       "source": f"experiments/results/{cell.results} ({note_of(cell, results)})", "pool": report["pool"],
                       "teacher_top1_here": round(here, 4), "teacher_top1_then": teacher_then, "stats": stats})

@@ -112,6 +112,7 @@ def text_report(report: dict) -> str:
     near = report["evidence"]["nearest_cells"]
     if near:
         lines.append("nearest measured cells: " + "; ".join(
-            f"{c['cell']} (distance {c['distance']}, {c['winner']} won)" for c in near))
+            f"{c['cell']} (distance {c['distance']}, " + ("a tie" if c["winner"] == "tie" else f"{c['winner']} won")
+            + ")" for c in near))
     lines.append(f"advice: {report['text']}")
     return "\n".join(lines)

@@ -63,7 +63,8 @@ class Rule:
     far_ratio: a pool whose rarest class gets under this fraction of a balanced share leaves that class
     nearly untaught, and MosaicKD's class-balance term makes up for it. small_pool / sure_teacher: a pool
     this small, re-read by KD, stalls while generated images keep adding inputs, but only with a teacher
-    sure enough on it (mean top probability). The cells' statistics: mosaic/regime_cells.json.
+    sure enough on it (mean top probability). The cells' statistics: mosaic/regime_cells.json. A cell
+    measured as a tie (within half a point) counts for kd_ood: the same accuracy for less compute.
     """
     far_ratio: float = 0.27      # far pools 0.14, near pools >= 0.40
     small_pool: int = 3000       # MosaicKD won only on 1,000-image pools, KD on every 10,000-image one
@@ -131,5 +132,5 @@ def advise(stats: dict, *, cells: list[dict] | None = None, rule: Rule = Rule())
     name = {"mosaic": "MosaicKD (method=mosaic)", "kd_ood": "KD on the pool (method=kd_ood)"}[method]
     return {"advice": method, "evidence": evidence,
             "text": f"{name}: {reason}; nearest measured cell {nearest[0]['cell']} (distance "
-                    f"{nearest[0]['distance']}, winner {nearest[0]['winner']}: MosaicKD - KD "
+                    f"{nearest[0]['distance']}, {nearest[0]['winner']}: MosaicKD - KD "
                     f"{nearest[0]['mosaic_minus_kd']:+.2f} points)"}

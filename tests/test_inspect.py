@@ -45,13 +45,15 @@ def test_the_rule_picks_the_measured_winner_of_every_committed_cell():
     cells = load_cells()
     assert len(cells) >= 6  # the regime map's six cells (one- and three-epoch teacher x 10k near, 1k near, 1k far)
     for cell in cells:
-        assert cell["winner"] == ("mosaic" if cell["mosaic_minus_kd"] > 0 else "kd_ood"), cell["name"]
+        margin = cell["mosaic_minus_kd"]
+        assert cell["winner"] == ("mosaic" if margin >= 0.5 else "kd_ood" if margin <= -0.5 else "tie"), cell["name"]
+        best = "kd_ood" if cell["winner"] == "tie" else cell["winner"]  # a tie: the cheaper method
         method, _ = Rule()(cell["stats"])
-        assert method == cell["winner"], cell["name"]
+        assert method == best, cell["name"]
         advice = advise(cell["stats"], cells=cells)
-        assert advice["advice"] == cell["winner"] and advice["evidence"]["nearest_cells"][0]["distance"] == 0
+        assert advice["advice"] == best and advice["evidence"]["nearest_cells"][0]["distance"] == 0
         assert advice["evidence"]["nearest_cells"][0]["cell"] == cell["name"]
-    assert {c["winner"] for c in cells} == {"mosaic", "kd_ood"}  # both outcomes are in the evidence
+    assert {"mosaic", "kd_ood"} <= {c["winner"] for c in cells}  # both outcomes are in the evidence
 
 
 def test_a_pool_unlike_every_cell_gets_run_both_kd_first():
