@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     runs, results = Path(args.runs), HERE / "results"
     results.mkdir(exist_ok=True)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     several = False
     for label, seed_curves in curves(runs, runs_plan).items():
         x, mean, lo, hi = band(seed_curves)
@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
                 color="grey", label=ref["label"])
     for ref in spec.get("reference_lines", []):
         ax.axhline(ref["top1"], linestyle="--", linewidth=0.8, color="grey")
-        ax.annotate(ref["label"], (0.01, ref["top1"]), textcoords="offset points", xytext=(0, 2), fontsize=7,
-                    color="dimgrey")
+        ax.text(0.01, ref["top1"] + 0.3, ref["label"], transform=ax.get_yaxis_transform(), fontsize=7,
+                color="dimgrey")  # x in axes fractions, y in top-1
     ax.set_xlabel("fraction of the training budget (equal student updates)")
     ax.set_ylabel("student top-1 (%)")
     ax.set_title(name + (" (band: lowest to highest seed)" if several else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(results / f"{name}-curves.png", dpi=120)
     print(f"wrote {results / f'{name}-curves.png'}")
