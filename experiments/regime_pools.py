@@ -101,16 +101,15 @@ def inspect_cell(cell: Cell, *, out_dir: Path) -> dict:
     from mosaic.cli import _resolve
     from mosaic.inspect_pool import inspect_pool
 
+    folder = out_dir / ("inspect-" + cell.suite + "-" + cell.row)
+    if (folder / "inspect.json").exists():  # made earlier by this script: the statistics do not change
+        return json.loads((folder / "inspect.json").read_text())
     name, spec = suite_lib.load_spec(cell.suite)
     data = suite_lib.suite_data(spec)
     teacher_dir, _ = suite_lib.ensure_teacher(name, spec, data, out_dir=out_dir)
     pool = {k: v for k, v in spec["methods"][cell.row].items() if k.startswith("data.")}
     items = {**data, **pool, "data.train": None, "teacher": str(teacher_dir / "model.safetensors"), "progress": False}
-    cfg = _resolve(suite_lib.as_overrides(items))
-    folder = out_dir / ("inspect-" + cell.suite + "-" + cell.row)
-    if (folder / "inspect.json").exists():  # made earlier by this script: the statistics do not change
-        return json.loads((folder / "inspect.json").read_text())
-    return inspect_pool(cfg, folder)
+    return inspect_pool(_resolve(suite_lib.as_overrides(items)), folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         report = inspect_cell(cell, out_dir=out)
         stats = {k: report[k] for k in STATS}
         here = report["test"]["teacher_top1"]
-        winner = winner_of(margin)
+        winner, note = winner_of(margin), note_of(cell, results)
         cells.append({"name": cell.name, "winner": winner, "mosaic_minus_kd": margin,
-                      "source": f"experiments/results/{cell.results} ({note_of(cell, results)})", "pool": report["pool"],
+                      "source": f"experiments/results/{cell.results} ({note})", "pool": report["pool"],
                       "teacher_top1_here": round(here, 4), "teacher_top1_then": teacher_then, "stats": stats})
-        lines.append(f"| {cell.name} | {winner} | {margin:+.2f} | {cell.results}, {note_of(cell, results)} | "
+        lines.append(f"| {cell.name} | {winner} | {margin:+.2f} | {cell.results}, {note} | "
                      f"{stats['pool_size']} | "
                      f"{stats['rarest_ratio']:.3f} | {stats['coverage_entropy']:.3f} | {stats['mean_max_prob']:.3f} | "
                      f"{100 * here:.2f} | {100 * teacher_then:.2f} |")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mosaic.augment import normalize, to_float
 from mosaic.data import ImageSet, load_split
 from mosaic.engine.folder import RunError
 from mosaic.engine.task import check_checkpoints, check_task, load_teacher, teacher_normalization
@@ -22,20 +23,18 @@ PER_CLASS = 8  # pool images shown per class in inspect.png
 
 
 @torch.no_grad()
-def teacher_probs(teacher: torch.nn.Module, images: ImageSet, *, mean: tuple, std: tuple, batch_size: int,
-                  progress: bool, device: torch.device) -> Tensor:
-    """Softmax outputs (N, C) of the frozen teacher over a set's uint8 images, fp32, in batches."""
+def teacher_logits(teacher: torch.nn.Module, images: ImageSet, *, mean: tuple, std: tuple, batch_size: int,
+                   progress: bool, device: torch.device) -> Tensor:
+    """fp32 logits (N, C) of the frozen teacher over a set's uint8 images, in batches, with a progress bar."""
     from tqdm.auto import tqdm
 
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     teacher = teacher.to(device).eval()
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=f"teacher on {images.name}", disable=not progress,
                   leave=False):
-        x = (images.images[i:i + batch_size].to(device).float() / 255 - m) / s
+        x = normalize(to_float(images.images[i:i + batch_size].to(device)), mean, std)
         with full_precision():
-            out.append(torch.softmax(teacher(x).float(), dim=1).cpu())
+            out.append(teacher(x).float().cpu())
     return torch.cat(out)
 
 
@@ -65,7 +64,8 @@ def inspect_pool(cfg: dict, out: Path) -> dict:
     mean, std, norm_source = teacher_normalization(cfg, sets, teacher, meta)
     device = torch.device("cpu") if cfg["cpu"] or not torch.cuda.is_available() else torch.device("cuda")
     run = dict(mean=mean, std=std, batch_size=cfg["eval_batch_size"], progress=cfg["progress"], device=device)
-    probs = teacher_probs(teacher, sets["ood"], **run)
+    logits = teacher_logits(teacher, sets["ood"], **run)
+    probs = torch.softmax(logits, dim=1)
     if probs.shape[1] != num_classes:
         raise RunError(f"the teacher gives {probs.shape[1]} outputs but the task has {num_classes} classes")
     names = class_names(meta, sets.get("test"), num_classes)
@@ -74,14 +74,14 @@ def inspect_pool(cfg: dict, out: Path) -> dict:
               **pool_stats(probs)}
     test_probs = None
     if "test" in sets:
-        test_probs = teacher_probs(teacher, sets["test"], **run)
+        test_probs = torch.softmax(teacher_logits(teacher, sets["test"], **run), dim=1)
         ref = pool_stats(test_probs)
         if sets["test"].labels is not None:
             ref["teacher_top1"] = float((test_probs.argmax(1) == sets["test"].labels).double().mean())
         report["test"] = {"name": sets["test"].name, **ref}
     keep = d.get("ood_select")
     if keep:
-        kept = most_uncertain(probs, min(int(keep), len(probs)))
+        kept = most_uncertain(logits, min(int(keep), len(probs)))  # what select_ood keeps
         report["ood_select"] = {"keep": len(kept), **pool_stats(probs[kept])}
     report.update(advise(report))
     out.mkdir(parents=True, exist_ok=True)  # only once everything above has worked: an error leaves no folder

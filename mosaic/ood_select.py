@@ -29,7 +29,7 @@ def select_ood(ood: ImageSet, ctx, *, keep: int, teacher_file: str | None, batch
         index = torch.load(path)
     else:
         logits = ctx.predict(ctx.teacher, ood.images.to(ctx.device), batch_size=batch_size)
-        index = most_uncertain(torch.softmax(logits, dim=1), keep).cpu()  # what `mosaic inspect` reports
+        index = most_uncertain(logits, keep).cpu()  # what `mosaic inspect` reports
         if ctx.accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

@@ -49,10 +49,10 @@ def pool_stats(probs: Tensor, *, thresholds: tuple[float, ...] = THRESHOLDS) -> 
     }
 
 
-def most_uncertain(probs: Tensor, keep: int) -> Tensor:
+def most_uncertain(logits: Tensor, keep: int) -> Tensor:
     """Sorted indices of the `keep` images with the highest teacher entropy (MosaicKD's `data.ood_select`)."""
-    log_p = torch.log(probs.float().clamp_min(1e-30))
-    entropy = -(probs.float() * log_p).sum(1)
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    entropy = -(log_p.exp() * log_p).sum(1)
     return torch.argsort(entropy, descending=True)[:keep].sort().values
 
 

@@ -35,10 +35,10 @@ def test_a_class_never_predicted_is_a_zero_share():
 
 
 def test_most_uncertain_keeps_the_highest_entropy_images_in_index_order():
-    probs = torch.tensor([[0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0], [0.9, 0.05, 0.05]])
+    probs = torch.tensor([[0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 1e-12], [0.9, 0.05, 0.05]])
     # entropies: ~0.11, ln 3 = 1.10, ln 2 = 0.69, ~0.39 -> the two highest are images 1 and 2
-    assert most_uncertain(probs, 2).tolist() == [1, 2]
-    assert most_uncertain(probs, 3).tolist() == [1, 2, 3]
+    assert most_uncertain(probs.log(), 2).tolist() == [1, 2]
+    assert most_uncertain(probs.log() + 5.0, 3).tolist() == [1, 2, 3]  # logits: any shift gives the same softmax
 
 
 def test_the_rule_picks_the_measured_winner_of_every_committed_cell():
