@@ -180,7 +180,7 @@ def test_seed_band_is_mean_min_max_at_shared_steps():
 
 def test_committed_cpu_suites_pin_the_precision_they_were_made_in():
     """Tables made in fp32 before mixed_precision=auto re-run as made; the demo runs the defaults."""
-    made_with_auto = {"cpu-wrn"}  # suites first run after issue 23: the defaults, no pin
+    made_with_auto = {"cpu-wrn", "cpu-wrn-probe"}  # suites first run after issue 23: the defaults, no pin
     for path in sorted((EXP / "suites").glob("*.yaml")):
         spec = yaml.safe_load(path.read_text())
         if path.stem in made_with_auto:
