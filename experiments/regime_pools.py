@@ -3,11 +3,15 @@
 For each measured cell (a teacher and a pool on which MosaicKD and KD on the pool were compared), this
 trains or reuses the cell's teacher as its suite does, runs `mosaic inspect` on the cell's pool with the
 CIFAR-10 test set beside it, and stores the statistics with the cell's measured winner, read from the
-committed results CSVs (MosaicKD - KD in points, mean over the seeds the CSV holds for both rows). An
-inspect folder already in --out (runs/inspect-<suite>-<row>) is read, not made again.
+committed results CSVs: MosaicKD - KD in points for every seed both rows ran, in every CSV that holds the
+cell's recipe (a re-made teacher's runs count as further pairs), their mean, and the winner (a mean of at least
+half a point with every pair on the same side; otherwise a tie). An inspect folder already in --out
+(runs/inspect-<suite>-<row>) is read, not made again; --reuse-stats takes the statistics from the cells file
+instead (only the margins are re-read: for a new run of an existing cell's recipe).
 
     python experiments/regime_pools.py               # writes mosaic/regime_cells.json and results/regime-pools.md
     python experiments/regime_pools.py --out /tmp/r  # run folders (teachers, inspect output) elsewhere
+    python experiments/regime_pools.py --reuse-stats # margins re-read, statistics kept from the cells file
 """
 from __future__ import annotations
 
@@ -23,77 +27,120 @@ sys.path.insert(0, str(HERE))
 
 import suite as suite_lib  # noqa: E402
 
-TIE = 0.5  # points: a smaller margin is a tie (seeds of these recipes spread by 0.1 to 0.8), KD then is the cheaper pick
+TIE = 0.5  # points: a smaller mean margin is a tie (seeds of these recipes spread by 0.1 to 2.4), KD then is the cheaper pick
 STATS = ("pool_size", "num_classes", "counts", "rarest_share", "commonest_share", "rarest_ratio", "coverage_entropy",
          "mean_max_prob")
 
 
 @dataclass(frozen=True)
+class Source:
+    """One committed comparison inside a cell: a results CSV and its MosaicKD and KD rows (paired by seed)."""
+    results: str  # the CSV under experiments/results
+    mosaic: str   # the MosaicKD row's method label
+    kd: str       # the KD-on-the-pool row's method label
+    seed: str = "0"  # the seed of a CSV without a seed column (older suites named seeds in the row label)
+
+
+@dataclass(frozen=True)
 class Cell:
-    """A measured cell: the suite and row whose teacher and pool it uses, and where its winner was measured."""
+    """A measured cell: a teacher, a pool and a budget, the suite row that gives the pool, and its comparisons.
+
+    Each source adds one MosaicKD - KD margin per seed both of its rows ran; runs of the same recipe with a
+    re-made teacher count as further pairs. The same pool at another budget is another cell.
+    """
     name: str
-    suite: str                # the suite whose teacher (and data) the cell uses
-    row: str                  # the row of that suite whose data.* overrides give the pool
-    results: str              # committed CSV holding the comparison
-    mosaic_rows: tuple[str, ...]
-    kd_rows: tuple[str, ...]
-    note: str
+    suite: str    # the suite whose teacher (and data) the cell uses
+    row: str      # the row of that suite whose data.* overrides give the pool
+    steps: int    # student steps of every run in the cell
+    sources: tuple[Source, ...]
 
 
 CELLS = (
-    Cell("one-epoch teacher, 10k near pool", "regime-t1", "mosaic-10k", "cpu-small-600.csv", ("mosaic",),
-         ("kd_ood",), "600 steps, seed 0"),
-    Cell("one-epoch teacher, 1k near pool", "regime-t1", "mosaic-1k", "regime-t1.csv", ("mosaic-1k",),
-         ("kd_ood-1k",), "400 steps, seed 0"),
-    Cell("one-epoch teacher, 1k far pool", "regime-t1", "mosaic-far", "regime-t1.csv", ("mosaic-far",),
-         ("kd_ood-far",), "400 steps, seed 0"),
-    Cell("three-epoch teacher, 10k near pool", "regime-t3", "mosaic-10k", "cpu-t3-full.csv", ("mosaic",),
-         ("kd_ood",), "1,000 steps, seeds 0-2"),
-    Cell("three-epoch teacher, 1k near pool", "regime-t3", "mosaic-1k", "cpu-small-t3-ood1k.csv",
-         ("mosaic", "mosaic-s1"), ("kd_ood", "kd_ood-s1"), "1,000 steps, seeds 0-1"),
-    Cell("three-epoch teacher, 1k far pool", "regime-t3", "mosaic-far", "regime-t3.csv", ("mosaic-far",),
-         ("kd_ood-far",), "400 steps, seed 0"),
-    Cell("WRN-40-2 teacher (paper pair), 10k near pool", "cpu-wrn", "mosaic", "cpu-wrn.csv", ("mosaic",),
-         ("kd_ood",), "1,440 steps at 64 + 64, seeds {seeds}"),
+    Cell("one-epoch teacher, 10k near pool, 600 steps", "regime-t1", "mosaic-10k", 600,
+         (Source("cpu-small-600.csv", "mosaic", "kd_ood"),)),
+    Cell("one-epoch teacher, 1k near pool, 400 steps", "regime-t1", "mosaic-1k", 400,
+         (Source("regime-t1.csv", "mosaic-1k", "kd_ood-1k"), Source("regime-t1-ref.csv", "mosaic-1k", "kd_ood-1k"))),
+    Cell("one-epoch teacher, 1k near pool, 1,000 steps", "regime-t1", "mosaic-1k", 1000,
+         (Source("cpu-small-ood1k.csv", "mosaic", "kd_ood"),)),
+    Cell("one-epoch teacher, 1k far pool, 400 steps", "regime-t1", "mosaic-far", 400,
+         (Source("regime-t1.csv", "mosaic-far", "kd_ood-far"), Source("regime-t1-ref.csv", "mosaic-far", "kd_ood-far"))),
+    Cell("three-epoch teacher, 10k near pool, 1,000 steps", "regime-t3", "mosaic-10k", 1000,
+         (Source("cpu-t3-full.csv", "mosaic", "kd_ood"),)),
+    Cell("three-epoch teacher, 1k near pool, 1,000 steps", "regime-t3", "mosaic-1k", 1000,
+         (Source("cpu-small-t3-ood1k.csv", "mosaic", "kd_ood"),
+          Source("cpu-small-t3-ood1k.csv", "mosaic-s1", "kd_ood-s1", seed="1"))),
+    Cell("three-epoch teacher, 1k near pool, 400 steps", "regime-t3", "mosaic-1k", 400,
+         (Source("regime-t3.csv", "mosaic-1k", "kd_ood-1k"), Source("regime-t3-ref.csv", "mosaic-1k", "kd_ood-1k"))),
+    Cell("three-epoch teacher, 1k far pool, 400 steps", "regime-t3", "mosaic-far", 400,
+         (Source("regime-t3.csv", "mosaic-far", "kd_ood-far"), Source("regime-t3-ref.csv", "mosaic-far", "kd_ood-far"))),
+    Cell("WRN-40-2 teacher (paper pair), 10k near pool, 1,440 steps", "cpu-wrn", "mosaic", 1440,
+         (Source("cpu-wrn.csv", "mosaic", "kd_ood"),)),
 )
 
 
-def measured(cell: Cell, results: Path) -> tuple[float, float]:
-    """(MosaicKD - KD in points, the teacher top-1 of those runs) from the cell's committed CSV.
+@dataclass(frozen=True)
+class Pair:
+    """One seed of one source: MosaicKD and KD on the same teacher, pool and budget."""
+    results: str
+    seed: str
+    mosaic: float        # student top-1, points
+    kd: float
+    teacher_top1: float  # the teacher those runs distilled, as a fraction
 
-    With a seed column, only the seeds both rows have count (a comparison stopped half-way stays paired).
-    """
-    rows = suite_lib.read_rows(results / cell.results)
+    @property
+    def margin(self) -> float:
+        """MosaicKD - KD in points."""
+        return round(self.mosaic - self.kd, 2)
+
+
+def pairs_of(source: Source, results: Path) -> list[Pair]:
+    """The source's seed-paired runs from its committed CSV; a seed only one of the two rows ran is left out."""
+    rows = suite_lib.read_rows(results / source.results)
     if not rows:
-        raise SystemExit(f"no committed {results / cell.results}")
-    if "seed" in rows[0]:
-        rows = [r for r in rows if r["seed"] in set(paired_seeds(cell, rows))]
+        raise SystemExit(f"no committed {results / source.results}")
 
-    def mean(labels):
-        vals = [float(r["student_top1"]) for r in rows if r["method"] in labels]
-        if not vals:
-            raise SystemExit(f"{cell.results} has no rows {labels}")
-        return 100 * sum(vals) / len(vals)
-    teacher = next(float(r["teacher_top1"]) for r in rows if r["method"] in cell.mosaic_rows)
-    return round(mean(cell.mosaic_rows) - mean(cell.kd_rows), 2), teacher
+    def by_seed(label: str) -> dict[str, dict]:
+        return {r.get("seed", source.seed): r for r in rows if r["method"] == label}
+    mosaic, kd = by_seed(source.mosaic), by_seed(source.kd)
+    if not mosaic or not kd:
+        raise SystemExit(f"{source.results} has no row {source.mosaic if not mosaic else source.kd}")
+    return [Pair(source.results, seed, 100 * float(mosaic[seed]["student_top1"]), 100 * float(kd[seed]["student_top1"]),
+                 float(mosaic[seed]["teacher_top1"])) for seed in sorted(set(mosaic) & set(kd), key=int)]
 
 
-def winner_of(margin: float) -> str:
-    """mosaic, kd_ood, or tie when MosaicKD - KD is within TIE points."""
-    return "mosaic" if margin >= TIE else "kd_ood" if margin <= -TIE else "tie"
+def measured(cell: Cell, results: Path) -> list[Pair]:
+    """Every seed-paired MosaicKD / KD comparison of a cell, source by source."""
+    return [pair for source in cell.sources for pair in pairs_of(source, results)]
 
 
-def paired_seeds(cell: Cell, rows: list[dict]) -> list[str]:
-    """The seeds at which both the MosaicKD and the KD rows of a cell were run."""
-    def seeds(labels):
-        return {r["seed"] for r in rows if r["method"] in labels}
-    return sorted(seeds(cell.mosaic_rows) & seeds(cell.kd_rows), key=int)
+def mean_margin(pairs: list[Pair]) -> float:
+    """MosaicKD - KD in points, averaged over the pairs."""
+    return round(sum(p.mosaic - p.kd for p in pairs) / len(pairs), 2)
 
 
-def note_of(cell: Cell, results: Path) -> str:
-    """The cell's note, with the seeds the comparison holds filled in."""
-    rows = suite_lib.read_rows(results / cell.results)
-    return cell.note.format(seeds=",".join(paired_seeds(cell, rows)) if rows and "seed" in rows[0] else "")
+def spread(pairs: list[Pair]) -> float | None:
+    """Sample standard deviation (n-1) of the pairs' margins; None for a single pair."""
+    if len(pairs) < 2:
+        return None
+    m = sum(p.margin for p in pairs) / len(pairs)
+    return round((sum((p.margin - m) ** 2 for p in pairs) / (len(pairs) - 1)) ** 0.5, 2)
+
+
+def winner_of(margins: list[float]) -> str:
+    """mosaic or kd_ood when the mean margin is at least TIE points and every pair has the same sign; else tie."""
+    mean = sum(margins) / len(margins)
+    if mean >= TIE and all(m > 0 for m in margins):
+        return "mosaic"
+    if mean <= -TIE and all(m < 0 for m in margins):
+        return "kd_ood"
+    return "tie"
+
+
+def describe(pairs: list[Pair]) -> str:
+    """Where a cell's pairs come from: each CSV with its seeds."""
+    files = dict.fromkeys(p.results for p in pairs)
+    return "; ".join(f"{f} seed{'s' if sum(p.results == f for p in pairs) > 1 else ''} "
+                     + ",".join(p.seed for p in pairs if p.results == f) for f in files)
 
 
 def inspect_cell(cell: Cell, *, out_dir: Path) -> dict:
@@ -112,32 +159,51 @@ def inspect_cell(cell: Cell, *, out_dir: Path) -> dict:
     return inspect_pool(_resolve(suite_lib.as_overrides(items)), folder)
 
 
+def reused_stats(path: Path) -> dict[tuple[str, str], dict]:
+    """Statistics and teacher top-1 of an earlier cells file, by (suite, row): the pool and teacher they describe."""
+    if not path.is_file():
+        return {}
+    return {(c["suite"], c["row"]): c for c in json.loads(path.read_text())["cells"] if "suite" in c}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs", help="parent folder of teachers and inspect output (default: runs)")
     parser.add_argument("--results", default=str(HERE / "results"), help="the committed results CSVs")
     parser.add_argument("--cells", default=str(HERE.parent / "mosaic" / "regime_cells.json"))
+    parser.add_argument("--reuse-stats", action="store_true",
+                        help="take each pool's statistics from the cells file already there (same suite and row) "
+                             "instead of running inspect: re-reads the margins only, no teacher is trained")
     args = parser.parse_args(argv)
     out, results = Path(args.out), Path(args.results)
+    earlier = reused_stats(Path(args.cells)) if args.reuse_stats else {}
     cells, lines = [], ["# The regime map's cells as `mosaic inspect` sees them", "",
                         "`python experiments/regime_pools.py` (writes mosaic/regime_cells.json, read by "
                         "`mosaic inspect`'s advice). Teachers retrained here with their suites' recipes; "
-                        "`teacher then` is the top-1 of the teacher the comparison was made with.", "",
-                        "| cell | winner | MosaicKD - KD | measured | pool | rarest ratio | coverage | mean top p | "
-                        "teacher here | teacher then |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+                        "`teacher then` is the top-1 of the teachers the comparisons were made with. A cell is won "
+                        f"when the mean margin is at least {TIE} points and every seed pair has the same sign; "
+                        "otherwise it is a tie.", "",
+                        "| cell | winner | MosaicKD - KD | per pair | measured | pool | rarest ratio | coverage | "
+                        "mean top p | teacher here | teacher then |",
+                        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for cell in CELLS:
-        margin, teacher_then = measured(cell, results)
-        report = inspect_cell(cell, out_dir=out)
-        stats = {k: report[k] for k in STATS}
-        here = report["test"]["teacher_top1"]
-        winner, note = winner_of(margin), note_of(cell, results)
-        cells.append({"name": cell.name, "winner": winner, "mosaic_minus_kd": margin,
-                      "source": f"experiments/results/{cell.results} ({note})", "pool": report["pool"],
-                      "teacher_top1_here": round(here, 4), "teacher_top1_then": teacher_then, "stats": stats})
-        lines.append(f"| {cell.name} | {winner} | {margin:+.2f} | {cell.results}, {note} | "
-                     f"{stats['pool_size']} | "
+        pairs = measured(cell, results)
+        if (cell.suite, cell.row) in earlier:
+            before = earlier[(cell.suite, cell.row)]
+            stats, here, pool = before["stats"], before["teacher_top1_here"], before["pool"]
+        else:
+            report = inspect_cell(cell, out_dir=out)
+            stats, here, pool = {k: report[k] for k in STATS}, round(report["test"]["teacher_top1"], 4), report["pool"]
+        margins = [p.margin for p in pairs]
+        margin, winner, then = mean_margin(pairs), winner_of(margins), sorted({p.teacher_top1 for p in pairs})
+        cells.append({"name": cell.name, "suite": cell.suite, "row": cell.row, "steps": cell.steps, "winner": winner,
+                      "mosaic_minus_kd": margin, "margins": margins, "spread": spread(pairs),
+                      "source": f"experiments/results: {describe(pairs)}", "pool": pool,
+                      "teacher_top1_here": here, "teacher_top1_then": then, "stats": stats})
+        lines.append(f"| {cell.name} | {winner} | {margin:+.2f} | {' / '.join(f'{m:+.2f}' for m in margins)} | "
+                     f"{describe(pairs)} | {stats['pool_size']} | "
                      f"{stats['rarest_ratio']:.3f} | {stats['coverage_entropy']:.3f} | {stats['mean_max_prob']:.3f} | "
-                     f"{100 * here:.2f} | {100 * teacher_then:.2f} |")
+                     f"{100 * here:.2f} | {' / '.join(f'{100 * t:.2f}' for t in then)} |")
         print(lines[-1], flush=True)
     Path(args.cells).write_text(json.dumps({"made_by": "python experiments/regime_pools.py", "cells": cells},
                                            indent=1) + "\n")

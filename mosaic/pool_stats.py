@@ -60,32 +60,41 @@ def most_uncertain(logits: Tensor, keep: int) -> Tensor:
 class Rule:
     """The regime map as a rule over pool statistics; thresholds sit halfway between cells with different winners.
 
-    far_ratio: a pool whose rarest class gets under this fraction of a balanced share leaves that class
-    nearly untaught, and MosaicKD's class-balance term makes up for it. small_pool / sure_teacher: a pool
-    this small, re-read by KD, stalls while generated images keep adding inputs, but only with a teacher
-    sure enough on it (mean top probability). The cells' statistics: mosaic/regime_cells.json. A cell
-    measured as a tie (within half a point) counts for kd_ood: the same accuracy for less compute.
+    A cell is won when MosaicKD - KD is at least half a point on the mean and every seed pair agrees; otherwise it
+    is a tie, which counts for kd_ood (the same accuracy for less compute); where a pool was measured at several
+    budgets the longest decides (mosaic/regime_cells.json holds the cells). far_ratio: a far pool leaves the
+    teacher's rarest class under this fraction of a balanced share. sure_teacher: the teacher's mean top
+    probability on the pool. small_pool: pool size. MosaicKD won a far pool read by an unsure teacher (one-epoch
+    teacher, three seed pairs) and a small near pool read by a sure one (three-epoch teacher, 1,000 steps, two
+    pairs); a far pool read by a sure teacher split by seed, and KD won or tied every 10,000-image pool.
     """
     far_ratio: float = 0.27      # far pools 0.14, near pools >= 0.40
     small_pool: int = 3000       # MosaicKD won only on 1,000-image pools, KD on every 10,000-image one
-    sure_teacher: float = 0.56   # 1k near pool: the one-epoch teacher 0.507 (KD won), the three-epoch 0.607 (MosaicKD)
+    sure_teacher: float = 0.56   # the one-epoch teacher 0.505 to 0.509 on every pool, the three-epoch 0.607 to 0.616
 
     def __call__(self, stats: dict) -> tuple[str, str]:
         """(method, reason) for a pool's statistics: "mosaic" or "kd_ood"."""
-        if stats["rarest_ratio"] < self.far_ratio:
-            return "mosaic", (f"the teacher's rarest class gets {stats['rarest_ratio']:.2f} of a balanced share "
-                              f"(< {self.far_ratio}): the pool leaves it nearly untaught and MosaicKD's "
-                              f"class-balance term makes up for it")
-        if stats["pool_size"] <= self.small_pool and stats["mean_max_prob"] >= self.sure_teacher:
+        rarest, sure = stats["rarest_ratio"], stats["mean_max_prob"]
+        far = (f"the teacher's rarest class gets {rarest:.2f} of a balanced share (< {self.far_ratio}): a far pool "
+               f"that leaves that class nearly untaught")
+        if rarest < self.far_ratio and sure < self.sure_teacher:
+            return "mosaic", (f"{far}, read by an unsure teacher (mean top probability {sure:.2f} < "
+                              f"{self.sure_teacher}): there MosaicKD led KD on every seed pair measured (its "
+                              f"class-balance term asks the generator for the class the pool lacks)")
+        if rarest < self.far_ratio:
+            return "kd_ood", (f"{far}, but read by a sure teacher (mean top probability {sure:.2f} >= "
+                              f"{self.sure_teacher}): there MosaicKD and KD split by seed (a tie), and KD is cheaper")
+        if stats["pool_size"] <= self.small_pool and sure >= self.sure_teacher:
             return "mosaic", (f"a small pool ({stats['pool_size']} <= {self.small_pool} images) that a sure "
-                              f"teacher (mean top probability {stats['mean_max_prob']:.2f} >= {self.sure_teacher}) "
-                              f"reads: KD re-reads the same images and stalls, generated images keep adding new ones")
+                              f"teacher (mean top probability {sure:.2f} >= {self.sure_teacher}) "
+                              f"reads: KD re-reads the same images and stalls, generated images keep adding new ones "
+                              f"(a lead measured at 1,000 steps, a tie at 400: give MosaicKD the long budget)")
         return "kd_ood", ("the pool covers the teacher's classes"
                           + (f" and is large ({stats['pool_size']} > {self.small_pool} images)"
                              if stats["pool_size"] > self.small_pool else
-                             f", and the teacher is unsure on it (mean top probability {stats['mean_max_prob']:.2f} "
+                             f", and the teacher is unsure on it (mean top probability {sure:.2f} "
                              f"< {self.sure_teacher})")
-                          + ": plain KD on the pool's images has led MosaicKD there")
+                          + ": plain KD on the pool's images has led or tied MosaicKD there")
 
 
 # What "how far" means: one unit is a tenfold pool size, 0.1 of a balanced share for the rarest class,
@@ -113,12 +122,25 @@ def load_cells(path: Path = CELLS_FILE) -> list[dict]:
     return json.loads(path.read_text())["cells"]
 
 
+def cell_line(cell: dict) -> str:
+    """A cell's budget, seed pairs and margin in a few words."""
+    pairs = len(cell.get("margins", [cell["mosaic_minus_kd"]]))
+    steps = f"{cell['steps']:,} steps, " if "steps" in cell else ""
+    return (f"{steps}{pairs} seed pair{'s' if pairs > 1 else ''}, {cell['winner']}: MosaicKD - KD "
+            f"{cell['mosaic_minus_kd']:+.2f} points")
+
+
 def advise(stats: dict, *, cells: list[dict] | None = None, rule: Rule = Rule()) -> dict:
-    """The advice for a pool: the rule's method, or "both" when the pool is unlike every measured cell."""
+    """The advice for a pool: the rule's method, or "both" when the pool is unlike every measured cell.
+
+    Of cells at the same distance the longest budget comes first; cells with its statistics but another budget
+    and outcome are named in the text as well.
+    """
     cells = load_cells() if cells is None else cells
     method, reason = rule(stats)
-    ranked = sorted(cells, key=lambda cell: distance(stats, cell["stats"]))
-    nearest = [{"cell": c["name"], "winner": c["winner"], "mosaic_minus_kd": c["mosaic_minus_kd"], "source": c["source"],
+    ranked = sorted(cells, key=lambda cell: (distance(stats, cell["stats"]), -cell.get("steps", 0)))  # longest first
+    nearest = [{"cell": c["name"], "winner": c["winner"], "mosaic_minus_kd": c["mosaic_minus_kd"],
+                "margins": c.get("margins", [c["mosaic_minus_kd"]]), "steps": c.get("steps"), "source": c["source"],
                 "distance": round(distance(stats, c["stats"]), 2)} for c in ranked[:3]]
     units = ", ".join(f"{k} {s}" for k, s in SCALES.items())
     evidence = {"rule": reason, "rule_method": method, "nearest_cells": nearest, "cells": [c["name"] for c in cells],
@@ -129,8 +151,10 @@ def advise(stats: dict, *, cells: list[dict] | None = None, rule: Rule = Rule())
         return {"advice": "both", "evidence": evidence,
                 "text": f"this pool is unlike every measured cell{far}: run both, kd_ood first (it is cheaper), "
                         f"then mosaic; the rule alone would say {method}"}
+    first = ranked[0]
+    twins = [c for c in ranked[1:] if distance(first["stats"], c["stats"]) == 0 and c["winner"] != first["winner"]]
+    also = "".join(f"; the same pool statistics at {cell_line(c)}" for c in twins)
     name = {"mosaic": "MosaicKD (method=mosaic)", "kd_ood": "KD on the pool (method=kd_ood)"}[method]
     return {"advice": method, "evidence": evidence,
-            "text": f"{name}: {reason}; nearest measured cell {nearest[0]['cell']} (distance "
-                    f"{nearest[0]['distance']}, {nearest[0]['winner']}: MosaicKD - KD "
-                    f"{nearest[0]['mosaic_minus_kd']:+.2f} points)"}
+            "text": f"{name}: {reason}; nearest measured cell {first['name']} (distance {nearest[0]['distance']}, "
+                    f"{cell_line(first)}){also}"}

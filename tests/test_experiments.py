@@ -270,10 +270,61 @@ def test_regime_cells_hold_the_margins_of_the_committed_tables():
     from mosaic.pool_stats import load_cells
 
     cells = {c["name"]: c for c in load_cells()}
-    assert sorted(cells) == sorted(c.name for c in regime_pools.CELLS)
+    assert list(cells) == [c.name for c in regime_pools.CELLS]
     for cell in regime_pools.CELLS:
-        margin, teacher_then = regime_pools.measured(cell, EXP / "results")
-        assert cells[cell.name]["mosaic_minus_kd"] == margin and cells[cell.name]["teacher_top1_then"] == teacher_then
-    # by hand: cpu-small-t3-ood1k, MosaicKD (60.96 + 62.07) / 2 against KD (58.68 + 58.42) / 2
-    t3_1k = regime_pools.measured(regime_pools.CELLS[4], EXP / "results")[0]
-    assert t3_1k == pytest.approx((60.96 + 62.07) / 2 - (58.68 + 58.42) / 2, abs=0.006)
+        pairs = regime_pools.measured(cell, EXP / "results")
+        stored = cells[cell.name]
+        assert stored["margins"] == [p.margin for p in pairs] and stored["steps"] == cell.steps
+        assert stored["mosaic_minus_kd"] == regime_pools.mean_margin(pairs)
+        assert stored["winner"] == regime_pools.winner_of(stored["margins"])
+    # by hand: cpu-small-t3-ood1k at 1,000 steps, MosaicKD 60.96 / 62.07 against KD 58.68 / 58.42 (seeds 0, 1)
+    t3_1k = cells["three-epoch teacher, 1k near pool, 1,000 steps"]
+    assert t3_1k["margins"] == [2.28, 3.65] and t3_1k["winner"] == "mosaic"
+    # by hand: the three-epoch far pool at 400 steps, regime-t3 seed 0 (46.33 - 45.09) and regime-t3-ref seeds
+    # 0 and 1 (43.84 - 46.67, 47.26 - 45.93): the seeds split, so a tie whatever the mean
+    t3_far = cells["three-epoch teacher, 1k far pool, 400 steps"]
+    assert t3_far["margins"] == [1.24, -2.83, 1.33] and t3_far["winner"] == "tie"
+    assert t3_far["mosaic_minus_kd"] == pytest.approx((1.24 - 2.83 + 1.33) / 3, abs=0.006)
+
+
+def test_regime_cells_file_is_what_the_script_makes_from_the_committed_csvs(tmp_path):
+    """--reuse-stats re-reads only the margins: no teacher is trained and the committed file comes out unchanged."""
+    import regime_pools
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for f in (EXP / "results").glob("*.csv"):
+        shutil.copy(f, results / f.name)
+    cells = tmp_path / "regime_cells.json"
+    committed = (EXP.parent / "mosaic" / "regime_cells.json").read_text()
+    cells.write_text(committed)
+    assert regime_pools.main(["--reuse-stats", "--results", str(results), "--cells", str(cells),
+                              "--out", str(tmp_path / "runs")]) == 0
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing inspected
+    assert cells.read_text() == committed
+    assert (results / "regime-pools.md").read_text() == (EXP / "results" / "regime-pools.md").read_text()
+
+
+def test_regime_winner_needs_the_mean_and_every_seed_pair():
+    from regime_pools import winner_of
+
+    assert winner_of([0.6, 0.7]) == "mosaic"
+    assert winner_of([2.0, -0.1]) == "tie"   # mean +0.95, but one seed pair has KD ahead
+    assert winner_of([0.4, 0.4]) == "tie"    # every pair ahead, but by less than half a point
+    assert winner_of([-0.6]) == "kd_ood"     # one pair: its sign and size
+    assert winner_of([-3.0, -0.2]) == "kd_ood"
+
+
+def test_regime_pairs_match_seeds_and_leave_unpaired_runs_out(tmp_path):
+    from regime_pools import Cell, Source, measured, mean_margin, spread
+
+    lines = ["method,seed,student_top1,teacher_top1", "m,0,0.50,0.7", "m,1,0.52,0.7", "m,2,0.60,0.7",
+             "k,0,0.49,0.7", "k,1,0.53,0.7"]
+    (tmp_path / "a.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "b.csv").write_text("method,student_top1,teacher_top1\nm-s1,0.55,0.71\nk-s1,0.52,0.71\n")
+    cell = Cell("c", "s", "r", 400, (Source("a.csv", "m", "k"), Source("b.csv", "m-s1", "k-s1", seed="1")))
+    pairs = measured(cell, tmp_path)
+    assert [(p.results, p.seed, p.margin) for p in pairs] == [("a.csv", "0", 1.0), ("a.csv", "1", -1.0),
+                                                              ("b.csv", "1", 3.0)]  # seed 2 has no KD run
+    assert mean_margin(pairs) == 1.0 and spread(pairs) == 2.0  # margins 1, -1, 3: mean 1, std sqrt(4) = 2
+    assert spread(pairs[:1]) is None

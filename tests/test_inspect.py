@@ -43,17 +43,36 @@ def test_most_uncertain_keeps_the_highest_entropy_images_in_index_order():
 
 def test_the_rule_picks_the_measured_winner_of_every_committed_cell():
     cells = load_cells()
-    assert len(cells) >= 6  # the regime map's six cells (one- and three-epoch teacher x 10k near, 1k near, 1k far)
+    assert len(cells) >= 7  # the regime map's cells (one- and three-epoch teacher x 10k near, 1k near, 1k far) + WRN
     for cell in cells:
-        margin = cell["mosaic_minus_kd"]
-        assert cell["winner"] == ("mosaic" if margin >= 0.5 else "kd_ood" if margin <= -0.5 else "tie"), cell["name"]
-        best = "kd_ood" if cell["winner"] == "tie" else cell["winner"]  # a tie: the cheaper method
+        margins = cell["margins"]
+        mean = sum(margins) / len(margins)
+        agree = all(m > 0 for m in margins) if mean > 0 else all(m < 0 for m in margins)
+        assert cell["winner"] == ("mosaic" if mean >= 0.5 and agree else "kd_ood" if mean <= -0.5 and agree
+                                  else "tie"), cell["name"]
+        # the same pool measured at several budgets: the advice follows the longest one
+        ref = max((c for c in cells if distance(c["stats"], cell["stats"]) == 0), key=lambda c: c["steps"])
+        best = "kd_ood" if ref["winner"] == "tie" else ref["winner"]  # a tie: the cheaper method
         method, _ = Rule()(cell["stats"])
         assert method == best, cell["name"]
         advice = advise(cell["stats"], cells=cells)
         assert advice["advice"] == best and advice["evidence"]["nearest_cells"][0]["distance"] == 0
-        assert advice["evidence"]["nearest_cells"][0]["cell"] == cell["name"]
+        assert advice["evidence"]["nearest_cells"][0]["cell"] == ref["name"]
     assert {"mosaic", "kd_ood"} <= {c["winner"] for c in cells}  # both outcomes are in the evidence
+
+
+def test_a_pool_measured_at_two_budgets_names_both():
+    stats = {"pool_size": 1000, "num_classes": 10, "rarest_ratio": 0.45, "mean_max_prob": 0.6, "coverage_entropy": 0.96}
+    short = {"name": "short", "steps": 400, "winner": "tie", "mosaic_minus_kd": -1.22, "margins": [0.97, -0.57, -4.05],
+             "source": "a.csv", "stats": stats}
+    long_ = {**short, "name": "long", "steps": 1000, "winner": "mosaic", "mosaic_minus_kd": 2.97, "margins": [2.28, 3.65]}
+    advice = advise(stats, cells=[short, long_])
+    assert [c["cell"] for c in advice["evidence"]["nearest_cells"]] == ["long", "short"]  # longest budget first
+    assert "nearest measured cell long (distance 0.0, 1,000 steps, 2 seed pairs, mosaic: MosaicKD - KD +2.97" in advice[
+        "text"]
+    assert "the same pool statistics at 400 steps, 3 seed pairs, tie: MosaicKD - KD -1.22 points" in advice["text"]
+    agreeing = advise(stats, cells=[{**short, "winner": "mosaic"}, long_])
+    assert "the same pool statistics" not in agreeing["text"]  # nothing to add when the budgets agree
 
 
 def test_a_pool_unlike_every_cell_gets_run_both_kd_first():
@@ -70,7 +89,9 @@ def test_rule_thresholds_on_hand_made_pools():
             "coverage_entropy": 0.98}
     rule = Rule()
     assert rule(base)[0] == "kd_ood"  # large, covered
-    assert rule({**base, "rarest_ratio": 0.1})[0] == "mosaic"  # a class nearly untaught
+    assert rule({**base, "rarest_ratio": 0.1, "mean_max_prob": 0.5})[0] == "mosaic"  # far pool, unsure teacher
+    assert rule({**base, "rarest_ratio": 0.1})[0] == "kd_ood"  # far pool, sure teacher: measured a tie
+    assert rule({**base, "rarest_ratio": 0.1, "pool_size": 1000})[0] == "kd_ood"  # small doesn't turn a far pool
     assert rule({**base, "pool_size": 1000})[0] == "mosaic"  # small, teacher sure
     assert rule({**base, "pool_size": 1000, "mean_max_prob": 0.5})[0] == "kd_ood"  # small, teacher unsure
 
