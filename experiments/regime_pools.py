@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 import suite as suite_lib  # noqa: E402
 
-TIE = 0.5  # points: a smaller mean margin is a tie (seeds of these recipes spread by 0.1 to 2.4), KD then is the cheaper pick
+TIE = 0.5  # points: a smaller mean margin is a tie (seeds here spread by 0.1 to 2.4); KD is then the cheaper pick
 STATS = ("pool_size", "num_classes", "counts", "rarest_share", "commonest_share", "rarest_ratio", "coverage_entropy",
          "mean_max_prob")
 
@@ -63,7 +63,10 @@ CELLS = (
     Cell("one-epoch teacher, 1k near pool, 1,000 steps", "regime-t1", "mosaic-1k", 1000,
          (Source("cpu-small-ood1k.csv", "mosaic", "kd_ood"),)),
     Cell("one-epoch teacher, 1k far pool, 400 steps", "regime-t1", "mosaic-far", 400,
-         (Source("regime-t1.csv", "mosaic-far", "kd_ood-far"), Source("regime-t1-ref.csv", "mosaic-far", "kd_ood-far"))),
+         (Source("regime-t1.csv", "mosaic-far", "kd_ood-far"),
+          Source("regime-t1-ref.csv", "mosaic-far", "kd_ood-far"))),
+    Cell("one-epoch teacher, 1k far pool, 1,000 steps", "regime-t1", "mosaic-far", 1000,
+         (Source("regime-t1-far1000.csv", "mosaic-far", "kd_ood-far"),)),
     Cell("three-epoch teacher, 10k near pool, 1,000 steps", "regime-t3", "mosaic-10k", 1000,
          (Source("cpu-t3-full.csv", "mosaic", "kd_ood"),)),
     Cell("three-epoch teacher, 1k near pool, 1,000 steps", "regime-t3", "mosaic-1k", 1000,
@@ -72,7 +75,8 @@ CELLS = (
     Cell("three-epoch teacher, 1k near pool, 400 steps", "regime-t3", "mosaic-1k", 400,
          (Source("regime-t3.csv", "mosaic-1k", "kd_ood-1k"), Source("regime-t3-ref.csv", "mosaic-1k", "kd_ood-1k"))),
     Cell("three-epoch teacher, 1k far pool, 400 steps", "regime-t3", "mosaic-far", 400,
-         (Source("regime-t3.csv", "mosaic-far", "kd_ood-far"), Source("regime-t3-ref.csv", "mosaic-far", "kd_ood-far"))),
+         (Source("regime-t3.csv", "mosaic-far", "kd_ood-far"),
+          Source("regime-t3-ref.csv", "mosaic-far", "kd_ood-far"))),
     Cell("WRN-40-2 teacher (paper pair), 10k near pool, 1,440 steps", "cpu-wrn", "mosaic", 1440,
          (Source("cpu-wrn.csv", "mosaic", "kd_ood"),)),
 )

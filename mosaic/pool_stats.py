@@ -65,8 +65,9 @@ class Rule:
     budgets the longest decides (mosaic/regime_cells.json holds the cells). far_ratio: a far pool leaves the
     teacher's rarest class under this fraction of a balanced share. sure_teacher: the teacher's mean top
     probability on the pool. small_pool: pool size. MosaicKD won a far pool read by an unsure teacher (one-epoch
-    teacher, four seed pairs) and a small near pool read by a sure one (three-epoch teacher, 1,000 steps, two
-    pairs); a far pool read by a sure teacher split by seed, and KD won or tied every 10,000-image pool.
+    teacher: four seed pairs at 400 steps, one at 1,000) and a small near pool read by a sure one (three-epoch
+    teacher, 1,000 steps, two pairs); a far pool read by a sure teacher split by seed, and KD won or tied every
+    10,000-image pool.
     """
     far_ratio: float = 0.27      # far pools 0.14, near pools >= 0.40
     small_pool: int = 3000       # MosaicKD won only on 1,000-image pools, KD on every 10,000-image one

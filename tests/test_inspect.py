@@ -65,7 +65,8 @@ def test_a_pool_measured_at_two_budgets_names_both():
     stats = {"pool_size": 1000, "num_classes": 10, "rarest_ratio": 0.45, "mean_max_prob": 0.6, "coverage_entropy": 0.96}
     short = {"name": "short", "steps": 400, "winner": "tie", "mosaic_minus_kd": -1.22, "margins": [0.97, -0.57, -4.05],
              "source": "a.csv", "stats": stats}
-    long_ = {**short, "name": "long", "steps": 1000, "winner": "mosaic", "mosaic_minus_kd": 2.97, "margins": [2.28, 3.65]}
+    long_ = {**short, "name": "long", "steps": 1000, "winner": "mosaic", "mosaic_minus_kd": 2.97,
+             "margins": [2.28, 3.65]}
     advice = advise(stats, cells=[short, long_])
     assert [c["cell"] for c in advice["evidence"]["nearest_cells"]] == ["long", "short"]  # longest budget first
     assert "nearest measured cell long (distance 0.0, 1,000 steps, 2 seed pairs, mosaic: MosaicKD - KD +2.97" in advice[
