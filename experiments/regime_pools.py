@@ -183,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     earlier = reused_stats(Path(args.cells)) if args.reuse_stats else {}
     cells, lines = [], ["# The regime map's cells as `mosaic inspect` sees them", "",
                         "`python experiments/regime_pools.py` (writes mosaic/regime_cells.json, read by "
-                        "`mosaic inspect`'s advice). Teachers retrained here with their suites' recipes; "
-                        "`teacher then` is the top-1 of the teachers the comparisons were made with. A cell is won "
+                        "`mosaic inspect`'s advice). Teachers retrained with their suites' recipes for the statistics "
+                        + ("(kept from the cells file by --reuse-stats; `teacher here` is that retrained teacher's top-1)"
+                           if args.reuse_stats else "(`teacher here`: their top-1)")
+                        + "; `teacher then` is the top-1 of the teachers the comparisons were made with. A cell is won "
                         f"when the mean margin is at least {TIE} points and every seed pair has the same sign; "
                         "otherwise it is a tie.", "",
                         "| cell | winner | MosaicKD - KD | per pair | measured | pool | rarest ratio | coverage | "
