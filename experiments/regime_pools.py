@@ -168,7 +168,7 @@ def reused_stats(path: Path) -> dict[tuple[str, str], dict]:
     """Statistics and teacher top-1 of an earlier cells file, by (suite, row): the pool and teacher they describe."""
     if not path.is_file():
         return {}
-    return {(c["suite"], c["row"]): c for c in json.loads(path.read_text())["cells"] if "suite" in c}
+    return {(c["suite"], c["row"]): c for c in json.loads(path.read_text())["cells"]}
 
 
 def main(argv: list[str] | None = None) -> int:

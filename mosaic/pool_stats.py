@@ -117,7 +117,8 @@ def distance(a: dict, b: dict) -> float:
 
 
 def load_cells(path: Path = CELLS_FILE) -> list[dict]:
-    """The measured cells: `name`, `winner`, `mosaic_minus_kd` (points), `source` and the `stats` inspect made."""
+    """The measured cells: `name`, `steps`, `winner`, `mosaic_minus_kd` (mean points), `margins` (per seed pair), `source`
+    and the `stats` inspect made."""
     if not path.is_file():  # only while experiments/regime_pools.py makes it: the package ships it
         return []
     return json.loads(path.read_text())["cells"]
@@ -125,9 +126,8 @@ def load_cells(path: Path = CELLS_FILE) -> list[dict]:
 
 def cell_line(cell: dict) -> str:
     """A cell's budget, seed pairs and margin in a few words."""
-    pairs = len(cell.get("margins", [cell["mosaic_minus_kd"]]))
-    steps = f"{cell['steps']:,} steps, " if "steps" in cell else ""
-    return (f"{steps}{pairs} seed pair{'s' if pairs > 1 else ''}, {cell['winner']}: MosaicKD - KD "
+    pairs = len(cell["margins"])
+    return (f"{cell['steps']:,} steps, {pairs} seed pair{'s' if pairs > 1 else ''}, {cell['winner']}: MosaicKD - KD "
             f"{cell['mosaic_minus_kd']:+.2f} points")
 
 
@@ -139,9 +139,9 @@ def advise(stats: dict, *, cells: list[dict] | None = None, rule: Rule = Rule())
     """
     cells = load_cells() if cells is None else cells
     method, reason = rule(stats)
-    ranked = sorted(cells, key=lambda cell: (distance(stats, cell["stats"]), -cell.get("steps", 0)))  # longest first
+    ranked = sorted(cells, key=lambda cell: (distance(stats, cell["stats"]), -cell["steps"]))  # longest first
     nearest = [{"cell": c["name"], "winner": c["winner"], "mosaic_minus_kd": c["mosaic_minus_kd"],
-                "margins": c.get("margins", [c["mosaic_minus_kd"]]), "steps": c.get("steps"), "source": c["source"],
+                "margins": c["margins"], "steps": c["steps"], "source": c["source"],
                 "distance": round(distance(stats, c["stats"]), 2)} for c in ranked[:3]]
     units = ", ".join(f"{k} {s}" for k, s in SCALES.items())
     evidence = {"rule": reason, "rule_method": method, "nearest_cells": nearest, "cells": [c["name"] for c in cells],
