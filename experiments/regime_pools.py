@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     cells, lines = [], ["# The regime map's cells as `mosaic inspect` sees them", "",
                         "`python experiments/regime_pools.py` (writes mosaic/regime_cells.json, read by "
                         "`mosaic inspect`'s advice). Teachers retrained with their suites' recipes for the statistics "
-                        + ("(kept from the cells file by --reuse-stats; `teacher here` is that retrained teacher's top-1)"
-                           if args.reuse_stats else "(`teacher here`: their top-1)")
+                        + ("(kept from the cells file by --reuse-stats; `teacher here` is that retrained "
+                           "teacher's top-1)" if args.reuse_stats else "(`teacher here`: their top-1)")
                         + "; `teacher then` is the top-1 of the teachers the comparisons were made with. A cell is won "
                         f"when the mean margin is at least {TIE} points and every seed pair has the same sign; "
                         "otherwise it is a tie.", "",

@@ -117,8 +117,8 @@ def distance(a: dict, b: dict) -> float:
 
 
 def load_cells(path: Path = CELLS_FILE) -> list[dict]:
-    """The measured cells: `name`, `steps`, `winner`, `mosaic_minus_kd` (mean points), `margins` (per seed pair), `source`
-    and the `stats` inspect made."""
+    """The measured cells: `name`, `steps`, `winner`, `mosaic_minus_kd` (mean points), `margins` (per seed pair),
+    `source` and the `stats` inspect made."""
     if not path.is_file():  # only while experiments/regime_pools.py makes it: the package ships it
         return []
     return json.loads(path.read_text())["cells"]
