@@ -224,6 +224,49 @@ def test_crop_reduction_sum_is_the_mean_times_the_crops():
     assert logits.shape == (12, 1, 4, 4) and b.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_d_whole_adds_the_whole_image_loss_to_the_crop_loss():
+    """d_whole: D's loss is the crops' loss (the default's) plus the whole image's (mosaic_ref's map, summed / B)."""
+    m = make(size=32, d_whole=True)
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    torch.manual_seed(5)
+    got = m.d_loss(m.discriminator, x, real=False)
+    # by hand: the same two random crops (same draws), mean over crops of each crop map's summed BCE, / B ...
+    torch.manual_seed(5)
+    y, xo = patch_offsets(2 * 3, height=32, width=32, patch_size=16)
+    crops = torch.stack([x[i % 3, :, y[i]:y[i] + 16, xo[i]:xo[i] + 16] for i in range(6)])
+    crop_logits = m.discriminator(crops)
+    crop_part = F.binary_cross_entropy_with_logits(crop_logits, torch.zeros_like(crop_logits), reduction="sum") / 6
+    # ... plus the whole image's 8x8 map, summed / B
+    whole_logits = m.discriminator(x)
+    assert whole_logits.shape == (3, 1, 8, 8)
+    whole_part = F.binary_cross_entropy_with_logits(whole_logits, torch.zeros_like(whole_logits),
+                                                    reduction="sum") / 3
+    assert got.item() == pytest.approx((crop_part + whole_part).item(), rel=1e-5)
+    # every pixel gets a local gradient each step (the two random crops alone leave some without)
+    got.backward()
+    assert (x.grad.abs().sum(1) > 0).all()
+    # off (the default), the loss is the crops' alone: the same draws give crop_part
+    plain = make(size=32)
+    plain.discriminator.load_state_dict(m.discriminator.state_dict())
+    torch.manual_seed(5)
+    assert plain.d_loss(plain.discriminator, x, real=False).item() == pytest.approx(crop_part.item(), rel=1e-5)
+    assert method_defaults("mosaic")["d_whole"] is False
+
+
+def test_d_whole_step_trains_the_generator_through_both_views():
+    """One d_whole step: the generator's local term reaches G through the crops and the whole image."""
+    m = make(size=32, d_whole=True)
+    seen = []
+    m.discriminator.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[-2:])))
+    before = flat(m.generator)
+    out = m.step(batch_for(m, size=32), 0)
+    assert torch.isfinite(out["g_local"]) and not torch.equal(before, flat(m.generator))
+    # D step: real crops, real whole, fake crops, fake whole; G step: crops, whole
+    assert seen == [(16, 16), (32, 32), (16, 16), (32, 32), (16, 16), (32, 32)]
+    with pytest.raises(ConfigError, match="already shows D whole images only"):
+        make(size=32, d_whole=True, patch_size="null")
+
+
 def test_bad_crop_options_are_clear_errors():
     with pytest.raises(ConfigError, match="mosaic.patch_layout must be random or cover"):
         make(patch_layout="grid")

@@ -30,6 +30,7 @@ REFERENCE = {
     "crop_reduction": "mean",   # one "crop" (the image) per image
     "d_real": "plain",          # un-augmented real images
     "d_normalize": True,        # D sees normalised images
+    "d_whole": False,           # the whole image is D's only view already
     "student_bn": "mixed",      # every student forward updates BN running statistics
     "fast_crop": True,          # unused without crops
 }

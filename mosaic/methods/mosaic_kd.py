@@ -16,8 +16,8 @@ Where D departs from the reference code (zju-vipa/MosaicKD kd_mosaic.py, re-impl
 image; `patch_size=null`), normalised (`d_normalize`), its real ones un-augmented from a shuffle of
 their own (`d_real=plain`); the defaults show D crops of [0, 1] images from the student's augmented
 OOD stream. `patch_layout=cover` (crops on a grid reaching every border) with `crop_reduction=sum`
-gives every pixel a local gradient each step and the local term the reference's weight per image:
-the candidate default the benchmark decides on.
+gives every pixel a local gradient each step and the local term the reference's weight per image.
+`d_whole` shows D each image whole beside its random crops (the sum of the two views' losses).
 
 Function matching (`mix`, an engine option): each student update's batch goes through `ctx.mix`
 once and the teacher and the student both see that mixed view.
@@ -68,6 +68,8 @@ class MosaicKD(Method):
         "d_real": "augmented",  # D's real images: augmented (the student's OOD stream, crop padding and flips) |
                                 #   plain (un-augmented pool images from a stream of their own, as the reference)
         "d_normalize": False,   # D sees images normalised with the in-domain statistics (reference) | [0, 1] images
+        "d_whole": False,       # D also sees each image whole beside its crops; each view's loss keeps the weight it
+                                #   has alone (the crops' as in the default, the whole image's as in mosaic_ref), summed
         "lambda_align": 1.0,    # teacher entropy on generated images
         "lambda_balance": 10.0, # class balance of the teacher's mean prediction
         "lambda_adv": 1.0,      # adversarial (DRO) term
@@ -107,6 +109,9 @@ class MosaicKD(Method):
                              ("student_bn", ("mixed", "ood"))):
             if o[key] not in allowed:
                 raise ConfigError(f"{name}.{key} must be {' or '.join(allowed)}, got {o[key]!r}")
+        if o["d_whole"] and o["patch_size"] is None:
+            raise ConfigError(f"{name}.d_whole=true adds the whole image beside D's crops, but {name}.patch_size=null "
+                              f"already shows D whole images only: set a patch_size, or d_whole=false")
         if o["student_steps"] < 1 or o["patches"] < 1:
             raise ConfigError(f"{name}.student_steps and {name}.patches must be >= 1")
         self.generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size,
@@ -181,6 +186,14 @@ class MosaicKD(Method):
             return len(grid_offsets(side, o["patch_size"])) ** 2
         return o["patches"]
 
+    def d_loss(self, disc: Callable[[Tensor], Tensor], images: Tensor, *, real: bool) -> Tensor:
+        """D's patch-GAN loss on images in [0, 1]: on their crops, plus on the whole images under d_whole."""
+        loss = self.local_loss(disc(self.d_view(images)), real=real)
+        if self.opts["d_whole"] and self.opts["patch_size"] is not None:
+            whole = self.ctx.normalize(images) if self.opts["d_normalize"] else images
+            loss = loss + patch_gan_loss(disc(whole), real=real, reduction=self.opts["local_reduction"])
+        return loss
+
     def local_loss(self, logits: Tensor, *, real: bool) -> Tensor:
         """The patch-GAN loss of D's maps: this run's reduction over each map, then over each image's crops."""
         loss = patch_gan_loss(logits, real=real, reduction=self.opts["local_reduction"])
@@ -201,7 +214,7 @@ class MosaicKD(Method):
         with self._bn_kept(student):
             s_logits = student(x)
         return {
-            "g_local": self.local_loss(disc(self.d_view(fake)), real=True),
+            "g_local": self.d_loss(disc, fake, real=True),
             "g_align": entropy(t_logits),
             "g_balance": balance_loss(t_logits, base=2.0),
             "g_adv": -kd_loss(s_logits, t_logits),
@@ -215,9 +228,7 @@ class MosaicKD(Method):
 
         # 1. Patch discrimination: real OOD crops -> 1, generated crops -> 0.
         fake = self._generate(self.synthetic_batch)
-        d_real = D(self.d_view(real))
-        d_fake = D(self.d_view(fake.detach()))
-        loss_d = o["lambda_local"] * 0.5 * (self.local_loss(d_real, real=True) + self.local_loss(d_fake, real=False))
+        loss_d = o["lambda_local"] * 0.5 * (self.d_loss(D, real, real=True) + self.d_loss(D, fake.detach(), real=False))
         self.update(loss_d, self.discriminator_opt)
 
         # 2. Generation: mosaic OOD patches into images the teacher finds in-domain and the student gets wrong.
