@@ -16,7 +16,7 @@ from mosaic.augment import normalize, to_float
 from mosaic.data import ImageSet, load_split
 from mosaic.engine.folder import RunError
 from mosaic.engine.task import check_checkpoints, check_task, load_teacher, teacher_normalization
-from mosaic.pool_stats import advise, most_uncertain, pool_stats
+from mosaic.pool_stats import UNTAUGHT_SHARE, advise, most_uncertain, pool_stats
 from mosaic.precision import full_precision
 
 PER_CLASS = 8  # pool images shown per class in inspect.png
@@ -105,6 +105,10 @@ def text_report(report: dict) -> str:
     rare = sorted(range(len(report["counts"])), key=lambda i: report["counts"][i])[:3]
     lines.append("rarest classes in the pool: " + ", ".join(
         f"{report['classes'][i]} {report['counts'][i]} ({report['confident']['0.9'][i]} above 0.9)" for i in rare))
+    missing = report.get("untaught", [])
+    if missing:
+        lines.append(f"classes the pool cannot teach (each under {UNTAUGHT_SHARE} of a balanced share): " + ", ".join(
+            f"{report['classes'][i]} {report['counts'][i]}" for i in missing))
     if "ood_select" in report:
         k = report["ood_select"]
         lines.append(f"data.ood_select={k['keep']} keeps the most uncertain images: rarest class "

@@ -17,6 +17,22 @@ from torch import Tensor
 
 CELLS_FILE = Path(__file__).with_name("regime_cells.json")
 THRESHOLDS = (0.5, 0.9)  # the max-probability levels `confident` counts images above
+UNTAUGHT_SHARE = 0.25  # a class the teacher gives under this fraction of a balanced share of the pool is untaught:
+                       #   the animal-only pool leaves truck 0.07, automobile 0.19, ship 0.22; every near pool's
+                       #   rarest class is at 0.40 or more
+
+
+def untaught(counts: list[int], *, share: float = UNTAUGHT_SHARE) -> list[int]:
+    """The classes a pool cannot teach: the teacher predicts each for under `share` of a balanced share of it."""
+    n, c = sum(counts), len(counts)
+    return [i for i, k in enumerate(counts) if k < share * n / c]
+
+
+def untaught_count(stats: dict) -> int:
+    """How many of the teacher's classes a pool leaves untaught (from its stored list, else from its counts)."""
+    if "untaught" in stats:
+        return len(stats["untaught"])
+    return len(untaught(stats["counts"])) if "counts" in stats else 0
 
 
 def pool_stats(probs: Tensor, *, thresholds: tuple[float, ...] = THRESHOLDS) -> dict:
@@ -24,8 +40,9 @@ def pool_stats(probs: Tensor, *, thresholds: tuple[float, ...] = THRESHOLDS) -> 
 
     counts: images per class by the teacher's argmax; rarest_share / commonest_share: the smallest and largest
     share of those; rarest_ratio: rarest_share x C (1 when the classes are balanced, 0 when one is never
-    predicted); coverage_entropy: entropy of the class histogram / log C (1 = balanced); mean_max_prob: the mean
-    of each image's top probability; confident: images per class whose top probability is above each threshold.
+    predicted); untaught: the classes given under UNTAUGHT_SHARE of a balanced share (the pool cannot teach them);
+    coverage_entropy: entropy of the class histogram / log C (1 = balanced); mean_max_prob: the mean of each image's
+    top probability; confident: images per class whose top probability is above each threshold.
     """
     if probs.ndim != 2 or probs.shape[0] == 0:
         raise ValueError(f"probs must be (N, C) with N > 0, got shape {tuple(probs.shape)}")
@@ -43,6 +60,7 @@ def pool_stats(probs: Tensor, *, thresholds: tuple[float, ...] = THRESHOLDS) -> 
         "rarest_share": float(share.min()),
         "commonest_share": float(share.max()),
         "rarest_ratio": float(share.min()) * c,
+        "untaught": untaught(counts.tolist()),
         "coverage_entropy": entropy,
         "mean_max_prob": float(top.double().mean()),
         "confident": {str(t): torch.bincount(pred[top > t], minlength=c).tolist() for t in thresholds},
@@ -62,13 +80,18 @@ class Rule:
 
     A cell is won when MosaicKD - KD is at least half a point on the mean and every seed pair agrees; otherwise it
     is a tie, which counts for kd_ood (the same accuracy for less compute); where a pool was measured at several
-    budgets the longest decides (mosaic/regime_cells.json holds the cells). far_ratio: a far pool leaves the
+    budgets the longest decides (mosaic/regime_cells.json holds the cells). left_out: a pool that leaves this
+    many of the teacher's classes untaught (untaught()) goes to MosaicKD first, whatever else it shows: KD cannot
+    teach a class its pool never shows (the MosaicKD paper's CIFAR-100 teacher on a CIFAR-10 pool, WRN-40-2 ->
+    WRN-16-1: 61.01 against 47.47; issue 34's grayscale task with two classes left out: +23 points; here the pair's
+    animal-only pool in cpu-wrn-far measures it). far_ratio: a far pool leaves the
     teacher's rarest class under this fraction of a balanced share. sure_teacher: the teacher's mean top
     probability on the pool. small_pool: pool size. MosaicKD won a far pool read by an unsure teacher (one-epoch
     teacher: four seed pairs at 400 steps, one at 1,000) and a small near pool read by a sure one (three-epoch
     teacher, 1,000 steps, two pairs); a far pool read by a sure teacher split by seed, and KD won or tied every
     10,000-image pool.
     """
+    left_out: int = 2            # untaught classes (UNTAUGHT_SHARE) from which a pool goes to MosaicKD first
     far_ratio: float = 0.27      # far pools 0.14, near pools >= 0.40
     small_pool: int = 3000       # MosaicKD won only on 1,000-image pools, KD on every 10,000-image one
     sure_teacher: float = 0.56   # the one-epoch teacher 0.505 to 0.509 on every pool, the three-epoch 0.607 to 0.616
@@ -76,6 +99,12 @@ class Rule:
     def __call__(self, stats: dict) -> tuple[str, str]:
         """(method, reason) for a pool's statistics: "mosaic" or "kd_ood"."""
         rarest, sure = stats["rarest_ratio"], stats["mean_max_prob"]
+        missing = untaught_count(stats)
+        if missing >= self.left_out:
+            return "mosaic", (f"the pool leaves {missing} of the teacher's {stats['num_classes']} classes untaught "
+                              f"(each under {UNTAUGHT_SHARE} of a balanced share): KD on the pool cannot teach a "
+                              f"class it never shows, whatever the teacher's confidence; MosaicKD's generator, held "
+                              f"to the teacher's classes in balance, makes images of them")
         far = (f"the teacher's rarest class gets {rarest:.2f} of a balanced share (< {self.far_ratio}): a far pool "
                f"that leaves that class nearly untaught")
         if rarest < self.far_ratio and sure < self.sure_teacher:
@@ -99,15 +128,17 @@ class Rule:
 
 
 # What "how far" means: one unit is a tenfold pool size, 0.1 of a balanced share for the rarest class,
-# 0.05 of mean top probability, 0.05 of coverage entropy; the distance is the largest of the four.
-SCALES = {"log10_pool_size": 1.0, "rarest_ratio": 0.1, "mean_max_prob": 0.05, "coverage_entropy": 0.05}
+# 0.05 of mean top probability, 0.05 of coverage entropy, one untaught class; the distance is the largest of the five.
+SCALES = {"log10_pool_size": 1.0, "rarest_ratio": 0.1, "mean_max_prob": 0.05, "coverage_entropy": 0.05,
+          "untaught": 1.0}
 NEAR = 2.0  # a pool further than this from every cell is unlike all of them
 
 
 def features(stats: dict) -> dict[str, float]:
     """The statistics the distance to a cell is measured on."""
     return {"log10_pool_size": math.log10(max(1, stats["pool_size"])), "rarest_ratio": stats["rarest_ratio"],
-            "mean_max_prob": stats["mean_max_prob"], "coverage_entropy": stats["coverage_entropy"]}
+            "mean_max_prob": stats["mean_max_prob"], "coverage_entropy": stats["coverage_entropy"],
+            "untaught": float(untaught_count(stats))}
 
 
 def distance(a: dict, b: dict) -> float:
@@ -149,9 +180,13 @@ def advise(stats: dict, *, cells: list[dict] | None = None, rule: Rule = Rule())
     if not nearest or nearest[0]["distance"] > NEAR:
         far = (f" (nearest {nearest[0]['cell']} at {nearest[0]['distance']})" if nearest else
                f" (no measured cells: {CELLS_FILE.name} is missing)")
-        return {"advice": "both", "evidence": evidence,
-                "text": f"this pool is unlike every measured cell{far}: run both, kd_ood first (it is cheaper), "
-                        f"then mosaic; the rule alone would say {method}"}
+        missing = untaught_count(stats)
+        order = ("mosaic first (the pool leaves {} of the teacher's classes untaught, which KD on it cannot teach), "
+                 "then kd_ood".format(missing) if missing >= rule.left_out else
+                 "kd_ood first (it is cheaper), then mosaic")
+        return {"advice": "both", "first": "mosaic" if missing >= rule.left_out else "kd_ood", "evidence": evidence,
+                "text": f"this pool is unlike every measured cell{far}: run both, {order}; the rule alone would say "
+                        f"{method}"}
     first = ranked[0]
     twins = [c for c in ranked[1:] if distance(first["stats"], c["stats"]) == 0 and c["winner"] != first["winner"]]
     also = "".join(f"; the same pool statistics at {cell_line(c)}" for c in twins)

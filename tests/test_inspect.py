@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mosaic.cli import main
-from mosaic.pool_stats import Rule, advise, distance, load_cells, most_uncertain, pool_stats
+from mosaic.pool_stats import Rule, advise, distance, load_cells, most_uncertain, pool_stats, untaught, untaught_count
 
 from conftest import make_task
 
@@ -32,6 +32,38 @@ def test_a_class_never_predicted_is_a_zero_share():
     assert s["coverage_entropy"] == pytest.approx(math.log(2) / math.log(3))
     with pytest.raises(ValueError, match="N > 0"):
         pool_stats(torch.empty(0, 3))
+
+
+def test_untaught_classes_are_those_under_a_quarter_of_a_balanced_share():
+    # 1,000 images, 10 classes: a balanced share is 100 images, a quarter of it 25
+    counts = [96, 19, 198, 209, 127, 132, 139, 51, 22, 7]  # the animal-only pool read by the pair's teacher
+    assert untaught(counts) == [1, 8, 9]  # automobile, ship, truck
+    assert untaught([126, 32, 173, 234, 52, 60, 209, 13, 76, 25]) == [7]  # 25 is not under 25
+    assert untaught([10, 10, 10, 10]) == [] and untaught([40, 0, 0]) == [1, 2]
+    assert untaught(counts, share=0.55) == [1, 7, 8, 9]  # horse 51 < 55
+    s = pool_stats(torch.eye(4)[[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3]])  # 16 images: 4 a balanced share
+    assert s["counts"] == [4, 4, 3, 5] and s["untaught"] == []
+    s = pool_stats(torch.eye(4)[[0] * 8 + [1] * 7 + [3]])  # class 2 never, class 3 once (< 1 = 4 / 4)
+    assert s["untaught"] == [2] and untaught_count(s) == 1
+    assert untaught_count({"counts": [50, 50, 0, 0]}) == 2 and untaught_count({}) == 0
+
+
+def test_a_pool_that_leaves_two_classes_out_goes_to_mosaic_whatever_the_teacher():
+    """Issue 34's outside task: 10 classes, 5,000 images, two classes never predicted, a sure teacher."""
+    counts = [4035, 0, 250, 130, 126, 150, 140, 0, 39, 130]  # 80.7% in one class
+    stats = {**pool_stats(torch.eye(10)[sum(([i] * k for i, k in enumerate(counts)), [])]), "mean_max_prob": 0.85}
+    assert sum(counts) == 5000 and untaught_count(stats) == 3  # 0, 0 and 39 < 125 (a quarter of 500)
+    rule = Rule()
+    method, reason = rule(stats)
+    assert method == "mosaic" and "leaves 3 of the teacher's 10 classes untaught" in reason
+    one = {"pool_size": 1000, "num_classes": 10, "counts": [190, 100, 100, 100, 100, 100, 100, 100, 100, 10],
+           "rarest_ratio": 0.1, "mean_max_prob": 0.68, "coverage_entropy": 0.95}
+    assert untaught_count(one) == 1 and rule(one)[0] == "kd_ood"  # one class out, sure teacher: the far-pool rule
+    assert rule({**one, "counts": [280, 100, 100, 100, 100, 100, 100, 100, 10, 10]})[0] == "mosaic"
+    # unlike every measured cell: still "run both", but MosaicKD first
+    advice = advise(stats, cells=load_cells())
+    assert advice["advice"] == "both" and advice["first"] == "mosaic"
+    assert "run both, mosaic first (the pool leaves 3 of the teacher's classes untaught" in advice["text"]
 
 
 def test_most_uncertain_keeps_the_highest_entropy_images_in_index_order():
@@ -83,6 +115,7 @@ def test_a_pool_unlike_every_cell_gets_run_both_kd_first():
     advice = advise(stats, cells=cells)
     assert advice["advice"] == "both" and "kd_ood first" in advice["text"] and "unlike every measured cell" in advice[
         "text"]
+    assert advice["first"] == "kd_ood"  # the pool covers the teacher's classes
 
 
 def test_rule_thresholds_on_hand_made_pools():
