@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import suite as suite_lib  # noqa: E402
+from mosaic.pool_stats import untaught  # noqa: E402
 
 TIE = 0.5  # points: a smaller mean margin is a tie (seeds here spread by 0.1 to 2.4); KD is then the cheaper pick
 STATS = ("pool_size", "num_classes", "counts", "rarest_share", "commonest_share", "rarest_ratio", "coverage_entropy",
@@ -91,6 +92,8 @@ class Pair:
     mosaic: float        # student top-1, points
     kd: float
     teacher_top1: float  # the teacher those runs distilled, as a fraction
+    student: str = ""    # the student's and the teacher's architecture (the CSV's columns)
+    teacher: str = ""
 
     @property
     def margin(self) -> float:
@@ -110,7 +113,8 @@ def pairs_of(source: Source, results: Path) -> list[Pair]:
     if not mosaic or not kd:
         raise SystemExit(f"{source.results} has no row {source.mosaic if not mosaic else source.kd}")
     return [Pair(source.results, seed, 100 * float(mosaic[seed]["student_top1"]), 100 * float(kd[seed]["student_top1"]),
-                 float(mosaic[seed]["teacher_top1"])) for seed in sorted(set(mosaic) & set(kd), key=int)]
+                 float(mosaic[seed]["teacher_top1"]), mosaic[seed].get("student", ""), mosaic[seed].get("teacher", ""))
+            for seed in sorted(set(mosaic) & set(kd), key=int)]
 
 
 def measured(cell: Cell, results: Path) -> list[Pair]:
@@ -139,6 +143,22 @@ def winner_of(margins: list[float]) -> str:
     if mean <= -TIE and all(m < 0 for m in margins):
         return "kd_ood"
     return "tie"
+
+
+def glance_row(cell: Cell, pairs: list[Pair], winner: str) -> str:
+    """The cell as one row of the at-a-glance table: teacher, student, pool, budget, both methods' means, margin."""
+    teacher, pool, _ = cell.name.split(", ")
+    top1 = " / ".join(f"{100 * t:.2f}" for t in sorted({p.teacher_top1 for p in pairs}))
+    kd, mosaic = (round(sum(getattr(p, k) for p in pairs) / len(pairs), 2) for k in ("kd", "mosaic"))
+    files = ", ".join(f"`{f}`" for f in dict.fromkeys(p.results for p in pairs))
+    recipe = teacher.split()[0]  # "one-epoch" / "three-epoch" for the small teachers trained by their suites
+    arch = f"{pairs[0].teacher}, {recipe}" if recipe.endswith("-epoch") else pairs[0].teacher
+    return (f"| {arch} ({top1}) | {pairs[0].student} | {pool} | "
+            f"{cell.steps:,} | {kd:.2f} | {mosaic:.2f} | {mean_margin(pairs):+.2f} | {len(pairs)} | {winner} | {files} |")
+
+
+GLANCE_HEAD = ["| teacher (top-1) | student | pool | steps | KD on the pool | MosaicKD | margin | seed pairs | winner | "
+               "CSV |", "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
 
 
 def describe(pairs: list[Pair]) -> str:
@@ -190,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                         + "; `teacher then` is the top-1 of the teachers the comparisons were made with. A cell is won "
                         f"when the mean margin is at least {TIE} points and every seed pair has the same sign; "
                         "otherwise it is a tie.", "",
-                        "| cell | winner | MosaicKD - KD | per pair | measured | pool | rarest ratio | coverage | "
-                        "mean top p | teacher here | teacher then |",
-                        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+                        "| cell | winner | MosaicKD - KD | per pair | measured | pool | rarest ratio | untaught | "
+                        "coverage | mean top p | teacher here | teacher then |",
+                        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    glance = ["", "## At a glance", "", "Student top-1 (%), the mean over the cell's seed pairs; margin: MosaicKD - KD "
+              "on the pool. The README's Results table is this one.", "", *GLANCE_HEAD]
     for cell in CELLS:
         pairs = measured(cell, results)
         if (cell.suite, cell.row) in earlier:
@@ -208,13 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                       "source": f"experiments/results: {describe(pairs)}", "pool": pool,
                       "teacher_top1_here": here, "teacher_top1_then": then, "stats": stats})
         lines.append(f"| {cell.name} | {winner} | {margin:+.2f} | {' / '.join(f'{m:+.2f}' for m in margins)} | "
-                     f"{describe(pairs)} | {stats['pool_size']} | "
-                     f"{stats['rarest_ratio']:.3f} | {stats['coverage_entropy']:.3f} | {stats['mean_max_prob']:.3f} | "
+                     f"{describe(pairs)} | {stats['pool_size']} | {stats['rarest_ratio']:.3f} | "
+                     f"{len(untaught(stats['counts']))} | {stats['coverage_entropy']:.3f} | {stats['mean_max_prob']:.3f} | "
                      f"{100 * here:.2f} | {' / '.join(f'{100 * t:.2f}' for t in then)} |")
+        glance.append(glance_row(cell, pairs, winner))
         print(lines[-1], flush=True)
     Path(args.cells).write_text(json.dumps({"made_by": "python experiments/regime_pools.py", "cells": cells},
                                            indent=1) + "\n")
-    (results / "regime-pools.md").write_text("\n".join(lines) + "\n")
+    (results / "regime-pools.md").write_text("\n".join(lines + glance) + "\n")
     print(f"wrote {args.cells} and {results / 'regime-pools.md'}")
     return 0
 

@@ -3,6 +3,7 @@ import csv
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -180,7 +181,7 @@ def test_seed_band_is_mean_min_max_at_shared_steps():
 
 def test_committed_cpu_suites_pin_the_precision_they_were_made_in():
     """Tables made in fp32 before mixed_precision=auto re-run as made; the demo runs the defaults."""
-    made_with_auto = {"cpu-wrn", "cpu-wrn-probe"}  # suites first run after issue 23: the defaults, no pin
+    made_with_auto = {"cpu-wrn", "cpu-wrn-probe", "cpu-wrn-far"}  # suites first run after issue 23: no pin
     for path in sorted((EXP / "suites").glob("*.yaml")):
         spec = yaml.safe_load(path.read_text())
         if path.stem in made_with_auto:
@@ -328,3 +329,20 @@ def test_regime_pairs_match_seeds_and_leave_unpaired_runs_out(tmp_path):
                                                               ("b.csv", "1", 3.0)]  # seed 2 has no KD run
     assert mean_margin(pairs) == 1.0 and spread(pairs) == 2.0  # margins 1, -1, 3: mean 1, std sqrt(4) = 2
     assert spread(pairs[:1]) is None
+    # the at-a-glance row: both methods' means over the pairs (m 50, 52, 55; k 49, 53, 52) and the margin
+    from regime_pools import glance_row
+    named = Cell("three-epoch teacher, 1k far pool, 400 steps", "s", "r", 400, cell.sources)
+    row = glance_row(named, [replace(p, student="cnn_tiny", teacher="cnn_small") for p in pairs], "tie")
+    assert row == ("| cnn_small, three-epoch (70.00 / 71.00) | cnn_tiny | 1k far pool | 400 | 51.33 | 52.33 | +1.00 | 3 "
+                   "| tie | `a.csv`, `b.csv` |")
+
+
+def test_readme_results_table_is_the_cells_table():
+    """The README's MosaicKD-against-KD table is regime-pools.md's at-a-glance table, row for row."""
+    import regime_pools
+
+    made = (EXP / "results" / "regime-pools.md").read_text().split("## At a glance\n")[1]
+    table = [line for line in made.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(regime_pools.CELLS)  # head, rule, a row per cell
+    readme = (EXP.parent / "README.md").read_text()
+    assert "\n".join(table) in readme
