@@ -1,4 +1,4 @@
-"""Data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion, CMI, Fast): BN hooks, adversarial gradients, engine runs.
+"""Data-free baselines (DAFL, ZSKT, DFAD, DFQ, DeepInversion, CMI, Fast, NAYER): BN hooks, adversarial gradients, engine runs.
 
 Their losses by hand: test_losses_*.py; the shared image pool, CMI and Fast: test_pool_methods.py.
 """
@@ -267,6 +267,7 @@ ENGINE_OPTS = {
     "deepinversion": {"pool_size": 16, "di_iters": 2},  # 2 synthesis steps of 8, then KD
     "cmi": {**SMALL, "pool_size": 16, "g_steps": 2, "synth_every": 2, "bank_size": 32, "n_neg": 8, "head_dim": 8},
     "fast": {**SMALL, "pool_size": 16, "g_steps": 2, "synth_every": 2, "warmup": 1},
+    "nayer": {**SMALL, "pool_size": 64, "g_steps": 2, "synth_every": 2, "warmup": 1, "warmup_loops": 2, "loops": 1},
 }
 
 

@@ -73,8 +73,57 @@ class MomentumBNHooks(BNStatHooks):
         self.ema = {int(i): (mean.to(device), var.to(device)) for i, (mean, var) in state.items()}
 
 
+class MomentumSynthesis(InterleavedSynthesis):
+    """Base of Fast and NAYER: their synthesis objective on augmented views, and the lowest-loss iterate.
+
+    bn * sum_l R_l^mmt(x) + oh * CE(T(x), y) + adv * L_adv(x), x = aug(G(...)) (module docstring), with
+    the options bn_momentum, lambda_bn, lambda_oh and lambda_adv. The BN average is in the state_dict.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        o = self.opts
+        require(0 <= o["bn_momentum"] < 1, f"{self.name}.bn_momentum must be in [0, 1), got {o['bn_momentum']!r}")
+        self.bn_hooks = MomentumBNHooks(ctx.teacher, momentum=o["bn_momentum"])
+        self.augment_view = Augment(image_size=ctx.image_size, padding=4, flip=True)
+
+    def synthesis_terms(self, x: Tensor, targets: Tensor, *, adversarial: bool) -> dict[str, Tensor]:
+        """The unweighted terms for generated images x in [0, 1]."""
+        x = self.ctx.normalize(self.augment_view(x))
+        with self.bn_hooks:
+            t_logits = self.teacher(x)
+        terms = {"bn": self.bn_hooks.loss(), "oh": cross_entropy(t_logits, targets)}
+        if adversarial and self.opts["lambda_adv"] > 0:
+            with self.student_for_synthesis() as student:
+                terms["adv"] = masked_adversarial_kl(student(x), t_logits)
+        else:
+            terms["adv"] = t_logits.new_zeros(())
+        return terms
+
+    def weighted(self, terms: dict[str, Tensor]) -> Tensor:
+        """The synthesis objective: the terms times their weights."""
+        o = self.opts
+        return o["lambda_bn"] * terms["bn"] + o["lambda_oh"] * terms["oh"] + o["lambda_adv"] * terms["adv"]
+
+    @staticmethod
+    @torch.no_grad()
+    def keep_lowest(best: tuple[Tensor, Tensor | None], x: Tensor, loss: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss, images) of the lowest-loss iterate so far, updated with (x, loss) without a host sync."""
+        best_loss, best_x = best
+        best_x = x.detach() if best_x is None else torch.where(loss < best_loss, x.detach(), best_x)
+        return torch.minimum(loss.detach(), best_loss), best_x
+
+    def state_dict(self) -> dict:
+        """The InterleavedSynthesis state and the BN average."""
+        return {**super().state_dict(), "bn_ema": self.bn_hooks.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.bn_hooks.load_state_dict(state["bn_ema"], self.ctx.device)
+
+
 @register_method("fast")
-class Fast(InterleavedSynthesis):
+class Fast(MomentumSynthesis):
     """Data-free: a meta-learned generator adapted in a few steps per batch into a pool, KD on the pool."""
     defaults = {
         "pool_size": 56320,      # images kept (FIFO); the reference makes 220 batches of 256 = 56,320
@@ -100,30 +149,9 @@ class Fast(InterleavedSynthesis):
         super().__init__(ctx)
         o = self.opts
         require(o["meta"] in META_RULES, f"fast.meta must be one of {', '.join(META_RULES)}, got {o['meta']!r}")
-        require(0 <= o["bn_momentum"] < 1, f"fast.bn_momentum must be in [0, 1), got {o['bn_momentum']!r}")
         require(0 < o["lr_meta"] <= 1, f"fast.lr_meta must be in (0, 1], got {o['lr_meta']!r}")
-        self.bn_hooks = MomentumBNHooks(ctx.teacher, momentum=o["bn_momentum"])
-        self.augment_view = Augment(image_size=ctx.image_size, padding=4, flip=True)
         self.meta_opt = torch.optim.Adam(self.generator.parameters(), lr=o["lr_g"] * o["g_steps"],
                                          betas=tuple(o["betas"]))
-
-    def synthesis_terms(self, x: Tensor, targets: Tensor, *, adversarial: bool) -> dict[str, Tensor]:
-        """The unweighted terms for generated images x in [0, 1]."""
-        x = self.ctx.normalize(self.augment_view(x))
-        with self.bn_hooks:
-            t_logits = self.teacher(x)
-        terms = {"bn": self.bn_hooks.loss(), "oh": cross_entropy(t_logits, targets)}
-        if adversarial and self.opts["lambda_adv"] > 0:
-            with self.student_for_synthesis() as student:
-                terms["adv"] = masked_adversarial_kl(student(x), t_logits)
-        else:
-            terms["adv"] = t_logits.new_zeros(())
-        return terms
-
-    def weighted(self, terms: dict[str, Tensor]) -> Tensor:
-        """The synthesis objective: the terms times their weights."""
-        o = self.opts
-        return o["lambda_bn"] * terms["bn"] + o["lambda_oh"] * terms["oh"] + o["lambda_adv"] * terms["adv"]
 
     def adapt(self, *, adversarial: bool) -> tuple[torch.nn.Module, Tensor, dict[str, Tensor]]:
         """G adapted from G_0 by g_steps inner steps, the lowest-loss images, and the last terms.
@@ -140,14 +168,12 @@ class Fast(InterleavedSynthesis):
             self.meta_opt.zero_grad(set_to_none=False)
             for p in self.generator.parameters():
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-        best_loss, best_x = torch.full((), float("inf"), device=dev), None
+        best = (torch.full((), float("inf"), device=dev), None)
         for _ in range(o["g_steps"]):
             x = fast(z)
             terms = self.synthesis_terms(x, targets, adversarial=adversarial)
             loss = self.weighted(terms)
-            with torch.no_grad():  # keep the lowest-loss iterate without a host sync
-                best_x = x.detach() if best_x is None else torch.where(loss < best_loss, x.detach(), best_x)
-                best_loss = torch.minimum(loss.detach(), best_loss)
+            best = self.keep_lowest(best, x, loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # generators and noise are no players: a backward without gradient scaling
             if o["meta"] == "fomaml":
@@ -156,7 +182,7 @@ class Fast(InterleavedSynthesis):
                         if q.grad is not None:
                             p.grad.add_(q.grad)
             opt.step()
-        return fast, best_x, {"g_loss": loss.detach(), **{f"g_{k}": v.detach() for k, v in terms.items()}}
+        return fast, best[1], {"g_loss": loss.detach(), **{f"g_{k}": v.detach() for k, v in terms.items()}}
 
     @torch.no_grad()
     def meta_update(self, fast: torch.nn.Module) -> None:
@@ -176,10 +202,9 @@ class Fast(InterleavedSynthesis):
         return terms
 
     def state_dict(self) -> dict:
-        """Pool, meta generator and syntheses (InterleavedSynthesis), the meta optimizer and the BN average."""
-        return {**super().state_dict(), "meta_opt": self.meta_opt.state_dict(), "bn_ema": self.bn_hooks.state_dict()}
+        """Pool, meta generator, syntheses and BN average (MomentumSynthesis) and the meta optimizer."""
+        return {**super().state_dict(), "meta_opt": self.meta_opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.meta_opt.load_state_dict(state["meta_opt"])
-        self.bn_hooks.load_state_dict(state["bn_ema"], self.ctx.device)

@@ -205,13 +205,21 @@ class InterleavedSynthesis(PoolDistillation):
         require(ctx.steps > o["warmup"], f"{self.name} spends its first {o['warmup']} steps synthesising "
                                          f"({self.name}.warmup) and KD needs at least one more: raise steps "
                                          f"above {o['warmup']} or lower {self.name}.warmup")
+        self.generator = self.new_generator()
+        self.syntheses = 0
+
+    def new_generator(self) -> nn.Module:
+        """A freshly initialised generator on the run's device; no player (the method optimises it itself), but
+        its forwards autocast as the players' do."""
         try:
-            # no player (the method optimises it itself), but its forwards autocast as the players' do
-            self.generator = ctx.autocast(Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size,
-                                                    channels=ctx.channels))
+            return self.ctx.autocast(self.make_generator())
         except ValueError as err:
             raise ConfigError(f"{self.name}: {err} (data.image_size)") from None
-        self.syntheses = 0
+
+    def make_generator(self) -> nn.Module:
+        """The generator's architecture: `mosaic.players.Generator` (nz, ngf, sigmoid head) unless overridden."""
+        o = self.opts
+        return Generator(nz=o["nz"], ngf=o["ngf"], image_size=self.ctx.image_size, channels=self.ctx.channels)
 
     def kd_updates(self) -> int:
         """Every step after the warm-up is one KD step."""

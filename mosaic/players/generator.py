@@ -31,11 +31,13 @@ class Generator(nn.Module):
     """Linear projection to a 4x-downsampled map, two upsample+conv+BN+LeakyReLU blocks, conv, head.
 
     `head` picks the output layers (module docstring); `bn_eps` is the eps of the two BatchNorm layers
-    after the hidden convs (DAFL's code uses 0.8 there; torch's 1e-5 otherwise).
+    after the hidden convs (DAFL's code uses 0.8 there; torch's 1e-5 otherwise); `width`: the projected map
+    has ngf * width channels (4: DCGAN / MosaicKD; 2: the Fast-Datafree / NAYER decoder, whose first conv keeps
+    ngf * 2 channels).
     """
 
     def __init__(self, *, nz: int = 100, ngf: int = 64, image_size: int = 32, channels: int = 3,
-                 head: str = "sigmoid", bn_eps: float = 1e-5) -> None:
+                 head: str = "sigmoid", bn_eps: float = 1e-5, width: int = 4) -> None:
         super().__init__()
         if image_size % 4 != 0 or image_size < 8:
             raise ValueError(f"the generator makes images whose size is a multiple of 4 (>= 8); "
@@ -45,11 +47,13 @@ class Generator(nn.Module):
         head_layers = make_head(head, channels)
         self.nz, self.image_size, self.channels, self.head = nz, image_size, channels, head
         self.init_size = image_size // 4
-        self.project = nn.Linear(nz, ngf * 4 * self.init_size ** 2)
+        if width not in (2, 4):
+            raise ValueError(f"the generator's width must be 2 or 4 (times ngf), got {width!r}")
+        self.project = nn.Linear(nz, ngf * width * self.init_size ** 2)
         self.body = nn.Sequential(
-            nn.BatchNorm2d(ngf * 4),
+            nn.BatchNorm2d(ngf * width),
             nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 4, ngf * 2, 3, padding=1, bias=False),
+            nn.Conv2d(ngf * width, ngf * 2, 3, padding=1, bias=False),
             nn.BatchNorm2d(ngf * 2, eps=bn_eps),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Upsample(scale_factor=2),
