@@ -1,16 +1,17 @@
-"""Synthesis cost of DeepInversion, CMI and Fast side by side: wall seconds per 1,000 synthesised images.
+"""Synthesis cost of DeepInversion, CMI, Fast and NAYER side by side: wall seconds per 1,000 synthesised images.
 
 All three methods are built in one process as the engine builds them (config, Context), on the
 same teacher, and each synthesises `--batches` batches of `--batch` images with its own options
 (the published per-batch iterations unless `--set` changes them: DeepInversion 2,000 Adam steps
-on the pixels, CMI 200 generator steps, Fast 5 inner steps plus its meta update). The student is
+on the pixels, CMI 200 generator steps, Fast 5 inner steps plus its meta update, NAYER 40 generator steps per
+round and 2 rounds per synthesis, each round a batch, with a fresh generator every 10 syntheses). The student is
 a random cnn_tiny (only the adversarial terms read it). Fast's claim (AAAI 2022) is 10x-100x less
 synthesis time than DeepInversion.
 
     python experiments/synthesis_cost.py                                   # cpu-small shape, paper iterations
     python experiments/synthesis_cost.py --teacher runs/demo-teacher/model.safetensors --out cost.md
     python experiments/synthesis_cost.py --batches 1 --batch 8 --set deepinversion.di_iters=4 \\
-        --set cmi.g_steps=2 --set fast.g_steps=2                         # a seconds-long check
+        --set cmi.g_steps=2 --set fast.g_steps=2 --set nayer.g_steps=2   # a seconds-long check
     python experiments/synthesis_cost.py --precisions no auto            # fp32 against the default, side by side
 
 Each precision (`mixed_precision`, channels_last as the engine's default `auto`) gets its own copy of the
@@ -39,8 +40,8 @@ from mosaic.models import create_model, freeze, load_classifier  # noqa: E402
 from mosaic.norms import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from mosaic.precision import resolve_precision  # noqa: E402
 
-METHODS = ("deepinversion", "cmi", "fast")
-ITERATIONS = {"deepinversion": "di_iters", "cmi": "g_steps", "fast": "g_steps"}
+METHODS = ("deepinversion", "cmi", "fast", "nayer")
+ITERATIONS = {"deepinversion": "di_iters", "cmi": "g_steps", "fast": "g_steps", "nayer": "g_steps"}
 
 
 def build(name: str, teacher, args, accelerator, precision: str):
@@ -56,7 +57,8 @@ def build(name: str, teacher, args, accelerator, precision: str):
         opts["pool_size"] = args.batch * (args.batches + args.warmup)  # room for every batch
         steps = args.batches + args.warmup + 1
     else:
-        opts["pool_size"], opts["warmup"], steps = args.batch * (args.batches + args.warmup), 0, 10
+        rounds = opts.get("loops", 1)  # NAYER: batches per synthesis
+        opts["pool_size"], opts["warmup"], steps = args.batch * (args.batches + args.warmup) * rounds, 0, 10
     student = create_model("cnn_tiny", num_classes=args.classes)
     ctx = Context(cfg=cfg, opts=opts, teacher=teacher, student=student, num_classes=args.classes,
                   image_size=args.size, channels=3, mean=torch.tensor(CIFAR10_MEAN), std=torch.tensor(CIFAR10_STD),
@@ -68,11 +70,12 @@ def build(name: str, teacher, args, accelerator, precision: str):
 
 
 def synthesize_once(method) -> None:
-    """One batch into the pool, as a run's synthesis step makes it."""
+    """One synthesis into the pool, as a run's synthesis step makes it (NAYER's: `loops` batches)."""
     if method.name == "deepinversion":
         method.synthesis_step()
     else:
         method.synthesize(adversarial=True)
+        method.syntheses += 1  # as InterleavedSynthesis.step counts them (NAYER re-builds its generator by them)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,24 +111,24 @@ def main(argv: list[str] | None = None) -> None:
             method, resolved = build(name, teacher, args, accelerator, precision)
             for _ in range(args.warmup):
                 synthesize_once(method)
-            start = time.perf_counter()
+            made, start = method.pool.added, time.perf_counter()
             for _ in range(args.batches):
                 synthesize_once(method)
             wall = time.perf_counter() - start
-            per_1k = wall / (args.batch * args.batches) * 1000
+            per_1k = wall / (method.pool.added - made) * 1000
             if name == "deepinversion":
                 base[precision] = per_1k
             first.setdefault(name, per_1k)
             compute = f"{precision} -> {'fp32' if resolved.mixed_precision == 'no' else resolved.mixed_precision}"
             rows.append((name, compute, precision, method.opts[ITERATIONS[name]], wall / args.batches, per_1k,
                          first[name] / per_1k))
-            print(f"{name} ({compute}): {wall / args.batches:.2f} s per batch of {args.batch}, "
+            print(f"{name} ({compute}): {wall / args.batches:.2f} s per synthesis of {args.batch} images a batch, "
                   f"{per_1k:.1f} s per 1,000 images", flush=True)
     lines = [f"Synthesis cost, one process, {torch.get_num_threads()} threads (OMP_NUM_THREADS="
              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), CPU {resolved.device} (native bf16: "
              f"{resolved.capability}), teacher {source}, {args.size}x{args.size}, batch {args.batch}, "
              f"{args.batches} timed batches per method after {args.warmup} untimed.", "",
-             f"| method | mixed_precision | iterations per batch | s per batch | s per 1,000 images "
+             f"| method | mixed_precision | iterations per batch | s per synthesis | s per 1,000 images "
              f"| speed-up vs DeepInversion | speed-up vs {args.precisions[0]} |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, compute, precision, iters, per_batch, per_1k, vs_first in rows:

@@ -216,11 +216,15 @@ def test_synthesis_cost_times_each_precision(tmp_path):
     out = tmp_path / "cost.md"
     synthesis_cost.main(["--teacher", "", "--arch", "cnn_tiny", "--batches", "1", "--batch", "4", "--size", "16",
                          "--set", "deepinversion.di_iters=2", "--set", "cmi.g_steps=2", "--set", "fast.g_steps=2",
-                         "--set", "cmi.ngf=8", "--set", "fast.ngf=8", "--precisions", "no", "bf16",
-                         "--out", str(out)])
+                         "--set", "cmi.ngf=8", "--set", "fast.ngf=8", "--set", "nayer.g_steps=2", "--set",
+                         "nayer.ngf=8", "--set", "nayer.nz=16", "--precisions", "no", "bf16", "--out", str(out)])
     table = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in table] == [
-        (m, p) for m in ("deepinversion", "cmi", "fast") for p in ("no -> fp32", "bf16 -> bf16")]
+    cells = [[c.strip() for c in r.split("|")[1:-1]] for r in table]
+    assert [(c[0], c[1]) for c in cells] == [
+        (m, p) for m in ("deepinversion", "cmi", "fast", "nayer") for p in ("no -> fp32", "bf16 -> bf16")]
+    for c in cells:  # s per 1,000 images = s per synthesis / images per synthesis (NAYER: 2 rounds of 4)
+        per_synthesis, per_1k = float(c[3]), float(c[4])
+        assert per_1k == pytest.approx(per_synthesis / (8 if c[0] == "nayer" else 4) * 1000, rel=0.05, abs=1.5)
 
 
 def test_precision_study_rows_and_table(tmp_path):
