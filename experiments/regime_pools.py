@@ -81,6 +81,8 @@ CELLS = (
           Source("regime-t3-ref.csv", "mosaic-far", "kd_ood-far"))),
     Cell("WRN-40-2 teacher (paper pair), 10k near pool, 1,440 steps", "cpu-wrn", "mosaic", 1440,
          (Source("cpu-wrn.csv", "mosaic", "kd_ood"),)),
+    Cell("WRN-40-2 teacher (paper pair), 1k far pool, 720 steps", "cpu-wrn-far", "mosaic-far", 720,
+         (Source("cpu-wrn-far.csv", "mosaic-far", "kd_ood-far"),)),
 )
 
 

@@ -58,8 +58,10 @@ def test_a_pool_that_leaves_two_classes_out_goes_to_mosaic_whatever_the_teacher(
     assert method == "mosaic" and "leaves 3 of the teacher's 10 classes untaught" in reason
     one = {"pool_size": 1000, "num_classes": 10, "counts": [190, 100, 100, 100, 100, 100, 100, 100, 100, 10],
            "rarest_ratio": 0.1, "mean_max_prob": 0.68, "coverage_entropy": 0.95}
-    assert untaught_count(one) == 1 and rule(one)[0] == "kd_ood"  # one class out, sure teacher: the far-pool rule
-    assert rule({**one, "counts": [280, 100, 100, 100, 100, 100, 100, 100, 10, 10]})[0] == "mosaic"
+    assert untaught_count(one) == 1 and rule(one)[0] == "mosaic"  # one class out: the far-pool branch says why
+    assert "a far pool" in rule(one)[1] and "untaught" not in rule(one)[1].split(":")[0]
+    two = rule({**one, "counts": [280, 100, 100, 100, 100, 100, 100, 100, 10, 10]})
+    assert two[0] == "mosaic" and "leaves 2 of the teacher's 10 classes untaught" in two[1]
     # unlike every measured cell: still "run both", but MosaicKD first
     advice = advise(stats, cells=load_cells())
     assert advice["advice"] == "both" and advice["first"] == "mosaic"
@@ -84,7 +86,9 @@ def test_the_rule_picks_the_measured_winner_of_every_committed_cell():
                                   else "tie"), cell["name"]
         # the same pool measured at several budgets: the advice follows the longest one
         ref = max((c for c in cells if distance(c["stats"], cell["stats"]) == 0), key=lambda c: c["steps"])
-        best = "kd_ood" if ref["winner"] == "tie" else ref["winner"]  # a tie: the cheaper method
+        best = "kd_ood" if ref["winner"] == "tie" else ref["winner"]  # a tie: the cheaper method ...
+        if ref["winner"] == "tie" and cell["stats"]["rarest_ratio"] < Rule().far_ratio:
+            best = "mosaic"  # ... but far pools go to MosaicKD: every decisive far cell went to it
         method, _ = Rule()(cell["stats"])
         assert method == best, cell["name"]
         advice = advise(cell["stats"], cells=cells)
@@ -124,8 +128,8 @@ def test_rule_thresholds_on_hand_made_pools():
     rule = Rule()
     assert rule(base)[0] == "kd_ood"  # large, covered
     assert rule({**base, "rarest_ratio": 0.1, "mean_max_prob": 0.5})[0] == "mosaic"  # far pool, unsure teacher
-    assert rule({**base, "rarest_ratio": 0.1})[0] == "kd_ood"  # far pool, sure teacher: measured a tie
-    assert rule({**base, "rarest_ratio": 0.1, "pool_size": 1000})[0] == "kd_ood"  # small doesn't turn a far pool
+    assert rule({**base, "rarest_ratio": 0.1})[0] == "mosaic"  # far pool, sure teacher: the pair's far cell
+    assert rule({**base, "rarest_ratio": 0.1, "pool_size": 1000, "mean_max_prob": 0.5})[0] == "mosaic"
     assert rule({**base, "pool_size": 1000})[0] == "mosaic"  # small, teacher sure
     assert rule({**base, "pool_size": 1000, "mean_max_prob": 0.5})[0] == "kd_ood"  # small, teacher unsure
 
