@@ -180,10 +180,10 @@ def advise(stats: dict, *, cells: list[dict] | None = None, rule: Rule = Rule())
         far = (f" (nearest {nearest[0]['cell']} at {nearest[0]['distance']})" if nearest else
                f" (no measured cells: {CELLS_FILE.name} is missing)")
         missing = untaught_count(stats)
-        order = ("mosaic first (the pool leaves {} of the teacher's classes untaught, which KD on it cannot teach), "
-                 "then kd_ood".format(missing) if missing >= rule.left_out else
-                 "kd_ood first (it is cheaper), then mosaic")
-        return {"advice": "both", "first": "mosaic" if missing >= rule.left_out else "kd_ood", "evidence": evidence,
+        first = "mosaic" if missing >= rule.left_out else "kd_ood"
+        order = (f"mosaic first (the pool leaves {missing} of the teacher's classes untaught, which KD on it cannot "
+                 f"teach), then kd_ood" if first == "mosaic" else "kd_ood first (it is cheaper), then mosaic")
+        return {"advice": "both", "first": first, "evidence": evidence,
                 "text": f"this pool is unlike every measured cell{far}: run both, {order}; the rule alone would say "
                         f"{method}"}
     first = ranked[0]

@@ -188,10 +188,10 @@ class MosaicKD(Method):
 
     def d_loss(self, disc: Callable[[Tensor], Tensor], images: Tensor, *, real: bool) -> Tensor:
         """D's patch-GAN loss on images in [0, 1]: on their crops, plus on the whole images under d_whole."""
-        loss = self.local_loss(disc(self.d_view(images)), real=real)
-        if self.opts["d_whole"] and self.opts["patch_size"] is not None:
-            whole = self.ctx.normalize(images) if self.opts["d_normalize"] else images
-            loss = loss + patch_gan_loss(disc(whole), real=real, reduction=self.opts["local_reduction"])
+        x = self.ctx.normalize(images) if self.opts["d_normalize"] else images  # normalised once for both views
+        loss = self.local_loss(disc(self.crops(x)), real=real)
+        if self.opts["d_whole"]:  # __init__ refuses d_whole without crops (patch_size=null)
+            loss = loss + patch_gan_loss(disc(x), real=real, reduction=self.opts["local_reduction"])
         return loss
 
     def local_loss(self, logits: Tensor, *, real: bool) -> Tensor:
