@@ -156,8 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list-methods":
             from mosaic.methods import get_method, list_methods
             for name in list_methods():
-                doc = (get_method(name).__doc__ or "").strip().splitlines()
-                print(f"{name:14s} {doc[0] if doc else ''}")
+                cls = get_method(name)
+                doc = (cls.__doc__ or "").strip().splitlines()
+                recipes = f" (recipes: paper, {', '.join(cls.recipes)})" if cls.recipes else ""
+                print(f"{name:14s} {doc[0] if doc else ''}{recipes}")
             return 0
     except (config_lib.ConfigError, DataError, RunError, CheckpointError, ModelError, DivergenceError,
             ExportError) as err:

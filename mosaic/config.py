@@ -240,7 +240,10 @@ def complete(user: Mapping, *, method_defaults=None) -> dict:
     defaults = copy.deepcopy(DEFAULTS)
     method = user.get("method", defaults["method"])
     if method_defaults is not None:
-        defaults[method] = copy.deepcopy(method_defaults(method))
+        section = user.get(method)
+        recipe = section.get("recipe") if isinstance(section, Mapping) else None
+        defaults[method] = copy.deepcopy(method_defaults(method, recipe) if recipe is not None
+                                         else method_defaults(method))
     cfg = merge(defaults, user)
     if cfg["mixed_precision"] is False:  # YAML 1.1 reads a bare `no` as false
         cfg["mixed_precision"] = "no"

@@ -124,7 +124,8 @@ class GeneratorMethod(Method):
     """Base of the generator-based baselines: a `mosaic.players.Generator`, its Adam optimizer and sample grids.
 
     Subclasses read `nz`, `ngf`, `lr_g`, `betas` and `head` (default sigmoid) from
-    their options, optionally `bn_eps`, and build the student's optimizer. A sigmoid head makes pixels in
+    their options, optionally `bn_eps` and `width` (default 4: see `Generator`), and build the student's
+    optimizer. A sigmoid head makes pixels in
     [0, 1] that are normalised for the classifiers; a `tanh_bn` or `bn` head already makes the classifiers'
     normalised input (the original codes feed it straight to the teacher). `to_classifier` and `to_images`
     hide that difference: teacher and student always see `to_classifier(fake)`, grids show `to_images(fake)`.
@@ -141,9 +142,12 @@ class GeneratorMethod(Method):
         require(isinstance(bn_eps, (int, float)) and not isinstance(bn_eps, bool) and bn_eps > 0,
                 f"{self.name}.bn_eps must be a positive number, got {bn_eps!r}"
                 + (" (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(bn_eps, str) else ""))
+        width = o.get("width", 4)
+        require(width in (2, 4), f"{self.name}.width must be 2 (the CMI / Fast-Datafree decoder) or 4 (DCGAN), "
+                                 f"got {width!r}")
         try:
             generator = Generator(nz=o["nz"], ngf=o["ngf"], image_size=ctx.image_size, channels=ctx.channels,
-                                  head=self.head, bn_eps=float(bn_eps))
+                                  head=self.head, bn_eps=float(bn_eps), width=width)
         except ValueError as err:
             raise ConfigError(f"{self.name}: {err} (data.image_size)") from None
         self.generator = generator.to(ctx.device)

@@ -21,19 +21,24 @@ Generator lr: the README's 0.02 (batch 1024) is kept at every batch: the output 
 undoes any scale of the weights, and on the cpu-small shape (batch 64, 500 steps, one seed)
 0.02 reached 29.9% top-1 against 21.2% for the linearly scaled 0.00125. A sigmoid head
 (head=sigmoid) needs a smaller rate: about 1e-3 at batch 64.
+
+`dafl.recipe=benchmark` runs the CMI / Fast-Datafree benchmark instead (scripts/dafl_cifar.sh through
+`baselines.datafree.generative`): oh 1, act 0.001, balance 20 on a natural log, 5 KD steps at T=20 on fresh
+images per generator step, nz 512, the benchmark's sigmoid decoder.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from baselines.datafree.common import GeneratorMethod, logits_and_features, make_student_opt
+from baselines.datafree.common import logits_and_features, make_student_opt
+from baselines.datafree.generative import GenerativeSynthesis, benchmark
 from mosaic.losses import activation_loss, balance_loss, kd_loss, onehot_loss
 from mosaic.methods import Context, register_method
 
 
 @register_method("dafl")
-class DAFL(GeneratorMethod):
+class DAFL(GenerativeSynthesis):
     """Data-free: a generator the teacher finds confident, active and class-balanced; KD on its images."""
     defaults = {
         "nz": 1000,              # noise dimension (DAFL README, CIFAR: --latent_dim 1000)
@@ -47,11 +52,19 @@ class DAFL(GeneratorMethod):
         "lambda_ie": 5.0,        # information-entropy weight, log10 (DAFL-train.py default --ie 5; paper beta)
         "temperature": 1.0,      # KD temperature (DAFL code: plain KL, T=1)
     }
+    recipes = {"benchmark": benchmark(
+        nz=512,                  # datafree_kd.py: nz 512 for dafl
+        lambda_onehot=1.0,       # scripts/dafl_cifar.sh: --oh 1
+        lambda_act=0.001,        # --act 0.001
+        lambda_balance=20.0,     # --balance 20 (natural log)
+        temperature=20.0,        # --T 20
+    )}
     needs = {}                   # data-free: no data stream
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.student_opt = make_student_opt(self.student.parameters(), self.opts, ctx, self.name)
+        if not self.uses_benchmark_loop():
+            self.student_opt = make_student_opt(self.student.parameters(), self.opts, ctx, self.name)
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
         """The three generator terms (unweighted) and the teacher logits, for generator outputs."""
@@ -60,6 +73,8 @@ class DAFL(GeneratorMethod):
                 "g_ie": balance_loss(t_logits, base=10.0), "t_logits": t_logits}
 
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        if self.uses_benchmark_loop():
+            return self.generative_step()
         o = self.opts
         fake = self.generate()
         g = self.generator_losses(fake)

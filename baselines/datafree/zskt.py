@@ -10,6 +10,10 @@ matches T's outputs and attention maps on them. One step = 1 G step, then `stude
 KL is averaged over batch *and* classes, as PyTorch's kl_div 'mean' in the official code;
 a^l is the L2-normalised channel-mean of squares of layer l's output (attention transfer).
 Both players use Adam with gradient-norm clipping at 5 (official code).
+
+`zskt.recipe=benchmark` runs the CMI / Fast-Datafree benchmark instead (scripts/zskt_cifar.sh through
+`baselines.datafree.generative`): the generator on -KL(T || S) alone (batch mean, T=1), then 5 KD steps at
+T=20 on fresh images, no attention transfer, the config's SGD student, the benchmark's sigmoid decoder.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import re
 import torch
 from torch import Tensor, nn
 
-from baselines.datafree.common import GeneratorMethod, check_positive, make_student_opt, require
+from baselines.datafree.common import check_positive, make_student_opt, require
+from baselines.datafree.generative import GenerativeSynthesis, benchmark
 from mosaic.losses import at_pair_loss, kd_loss
 from mosaic.methods import Context, no_param_grad, register_method
 from mosaic.models import FeatureTaps, feature_info_of, feature_taps
@@ -48,7 +53,7 @@ def pair_layers(teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]
 
 
 @register_method("zskt")
-class ZSKT(GeneratorMethod):
+class ZSKT(GenerativeSynthesis):
     """Data-free: adversarial belief matching, the generator maximising KL(T || S), plus attention transfer."""
     defaults = {
         "nz": 100,                 # noise dimension (official CIFAR-10 script: --z_dim 100)
@@ -64,10 +69,16 @@ class ZSKT(GeneratorMethod):
         "clip_grad": 5.0,          # gradient-norm clip of both players (official: 5; 0 disables)
         "at_layers": None,         # [[teacher_layer, student_layer], ...]; null: stage modules paired by reduction
     }
+    recipes = {"benchmark": benchmark(
+        lambda_adv=1.0,            # scripts/zskt_cifar.sh: --adv 1 (every other weight 0: no attention term)
+        temperature=20.0,          # --T 20
+    )}
     needs = {}                     # data-free: no data stream
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
+        if self.uses_benchmark_loop():
+            return
         o = self.opts
         check_positive(self.name, o, "student_steps")
         self.student_opt = make_student_opt(self.student.parameters(), o, ctx, self.name)
@@ -84,7 +95,7 @@ class ZSKT(GeneratorMethod):
         return kd_loss(s_logits, t_logits, temperature=self.opts["temperature"], reduction="mean")
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
-        """The adversarial term -KL(T || S) on generator outputs; gradients reach G through T and S."""
+        """The paper recipe's adversarial term -KL(T || S) on generator outputs; gradients reach G through T and S."""
         x = self.to_classifier(fake)
         return {"g_adv": -self.divergence(self.student(x), self.teacher(x))}
 
@@ -93,6 +104,8 @@ class ZSKT(GeneratorMethod):
             self.accelerator.clip_grad_norm_(module.parameters(), self.opts["clip_grad"])
 
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        if self.uses_benchmark_loop():
+            return self.generative_step()
         o = self.opts
         z = torch.randn(self.ctx.batch_size, o["nz"], device=self.ctx.device)
         with no_param_grad(self.student):

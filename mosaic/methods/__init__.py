@@ -80,6 +80,7 @@ class Method:
     """Base class of a method: players, optimizers and one `step`; see the module docstring."""
     name: ClassVar[str] = ""
     defaults: ClassVar[dict] = {}
+    recipes: ClassVar[dict[str, dict]] = {}   # other full default sets, picked with `<method>.recipe=NAME`
     needs: ClassVar[dict[str, int]] = {}
     players: ClassVar[tuple[str, ...]] = ("student",)
     requires_teacher: ClassVar[bool] = True   # False: the method trains without a teacher (supervised, DML)
@@ -255,6 +256,20 @@ def get_method(name: str) -> type[Method]:
     return _METHODS[name]
 
 
-def method_defaults(name: str) -> dict:
-    """The option defaults of a method (its config section)."""
-    return dict(get_method(name).defaults)
+def method_defaults(name: str, recipe: str | None = None) -> dict:
+    """The option defaults of a method (its config section), those of `recipe` when the method has recipes.
+
+    A method with `recipes` (e.g. DAFL's `benchmark`: the Fast-Datafree scripts' settings) gets a `recipe`
+    option: `paper` (its `defaults`) or one of the recipes' names, each a full set of defaults.
+    """
+    cls = get_method(name)
+    if not cls.recipes:
+        if recipe not in (None, "paper"):
+            raise ConfigError(f"method '{name}' has no recipes, so {name}.recipe={recipe!r} means nothing: "
+                              f"remove it")
+        return dict(cls.defaults)
+    known = ["paper", *cls.recipes]
+    if recipe not in (None, *known):
+        raise ConfigError(f"unknown {name}.recipe {recipe!r}: use one of {', '.join(known)}")
+    chosen = cls.recipes[recipe] if recipe not in (None, "paper") else cls.defaults
+    return {"recipe": recipe or "paper", **chosen}
