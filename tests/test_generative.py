@@ -126,11 +126,12 @@ def test_benchmark_kd_loss_is_hinton_kd_at_the_recipes_temperature():
     assert loss == pytest.approx(hand, rel=1e-3)  # fp32 KL of near-equal distributions, times T^2 = 400
 
 
-def test_dfq_defaults_unchanged_by_the_shared_loop():
+def test_dfq_defaults_are_the_benchmark_scripts():
     d = method_defaults("dfq")
     assert "recipe" not in d
     assert (d["lambda_bn"], d["lambda_onehot"], d["lambda_balance"], d["lambda_adv"]) == (1.0, 1.0, 20.0, 1.0)
-    assert (d["student_steps"], d["temperature"], d["width"], d["nz"]) == (10, 20.0, 4, 256)
+    assert (d["student_steps"], d["temperature"], d["width"], d["nz"]) == (10, 20.0, 2, 256)
+    assert d["generator_schedule"] == "constant"
 
 
 @pytest.mark.parametrize("method", ["dafl", "zskt", "dfad"])
@@ -160,3 +161,22 @@ def test_every_shipped_config_resolves(path):
         o = cfg[cfg["method"]]
         assert o.get("recipe", "benchmark") == "benchmark" and o["width"] == 2
         assert cfg["steps"] * o["student_steps"] == 80_000 and cfg["batch_size"] == 256
+
+
+def test_benchmark_generator_lr_is_constant_and_the_students_follows_the_run():
+    m = make("dafl", **BENCH)
+    cosine = lambda step, total: 0.5  # noqa: E731  (any schedule: the generator must ignore it)
+    assert m.lr_lambda("generator", cosine)(7) == 1.0 and m.lr_lambda("student", cosine)(7) == 0.5
+    run = make("dafl", **BENCH, generator_schedule="run")
+    assert run.lr_lambda("generator", cosine)(7) == 0.5
+    paper = make("dafl", **SMALL)  # the paper recipe keeps the run's schedule on both players
+    assert paper.lr_lambda("generator", cosine)(7) == 0.5
+
+
+def test_old_dfq_rows_pin_what_they_ran():
+    import sys
+    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+    from suite import load_spec
+    for suite, row in [("cpu-small", "dfq"), ("cpu-small-datafree-s1", "dfq"), ("cpu-small-datafree-probe", "dfq-ss2")]:
+        spec = load_spec(suite)[1]["methods"][row]
+        assert spec["dfq.width"] == 4 and spec["dfq.generator_schedule"] == "run", suite

@@ -14,8 +14,9 @@ Defaults: CMI's script scripts/dfq/dfq_cifar10_wrn402_wrn161.sh, the same as Fas
 scripts/dfq_cifar.sh (adv 1, bn 1, oh 1, balance 20, T 20, lr_g 1e-3, 10 KD steps per generator step) and
 its GenerativeSynthesizer (Adam betas 0.5/0.999, nz 256). Unlike that toolkit's driver, which hands the
 synthesiser the teacher as "student" and so zeroes the adversarial term, the real student is used here.
-The generator keeps this toolkit's DCGAN width (`width=4`, as the cpu-small rows ran; the benchmark's decoder
-is `width=2`). DFQ has one recipe: its defaults are the benchmark's already.
+The generator is that toolkit's decoder (`width=2`) at a constant lr; the cpu-small rows ran this toolkit's
+DCGAN width (`width=4`) on the run's cosine (`generator_schedule=run`), which their suites pin. DFQ has one
+recipe: its defaults are the benchmark's already.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from mosaic.methods import register_method
 class DFQ(GenerativeSynthesis):
     """Data-free: a generator matching the teacher's BN statistics, confident, balanced and adversarial."""
     defaults = benchmark(
-        width=4,                 # this toolkit's DCGAN width (the cpu-small rows); the benchmark's decoder: 2
         lambda_bn=1.0,           # BN-statistics weight (CMI script: --bn 1)
         lambda_onehot=1.0,       # one-hot weight (CMI script: --oh 1)
         lambda_balance=20.0,     # class-balance weight, natural log (CMI script: --balance 20)

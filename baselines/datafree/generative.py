@@ -14,7 +14,8 @@ runs DAFL, ZSKT, DFAD and DFQ through one loop that differs only in five weights
 with D = KL(T || S) at T=1 (batch mean; `adversary=kl`) or the mean absolute logit difference (`adversary=l1`,
 DFAD), and D_s the KD loss at `temperature` (`student_loss=kl`) or the same L1 (`student_loss=l1`, DFAD).
 The generator: the benchmark's decoder (`width=2`: Linear to ngf*2 maps, two upsample-conv-BN-LeakyReLU
-blocks, sigmoid), Adam betas 0.5/0.999; its images are normalised for the classifiers.
+blocks, sigmoid), Adam betas 0.5/0.999 at a constant lr (the run's schedule drives only the student); its
+images are normalised for the classifiers.
 
 Two things the shipped `datafree_kd.py` does differently, both left out here on purpose (experiments/parity.py
 runs the reference both ways): it hands the synthesiser the *teacher* as its student, so D(T(x), T(x)) = 0 and
@@ -22,6 +23,8 @@ the adversarial term never moves the generator (ZSKT and DFAD, whose only genera
 from an untrained generator), and it replaces the `--T 20` KD criterion by a T=1 one for these four methods.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -32,6 +35,7 @@ from mosaic.losses import activation_loss, balance_loss, kd_loss, logit_l1, oneh
 from mosaic.methods import Context, no_param_grad
 
 DISTANCES = ("kl", "l1")
+GENERATOR_SCHEDULES = ("constant", "run")
 WEIGHTS = {"g_bn": "lambda_bn", "g_oh": "lambda_onehot", "g_act": "lambda_act", "g_balance": "lambda_balance",
            "g_adv": "lambda_adv"}  # each generator term and the option that weighs it
 
@@ -42,6 +46,7 @@ BENCHMARK = {
     "width": 2,              # projected map of ngf*2 channels (Fast-Datafree models/generator.py)
     "head": "sigmoid",       # sigmoid images, normalised for the classifiers (Generator + Normalizer)
     "lr_g": 1e-3,            # generator Adam lr (scripts: --lr_g 1e-3)
+    "generator_schedule": "constant",  # generator lr: constant (GenerativeSynthesizer: no scheduler) | run
     "betas": [0.5, 0.999],   # generator Adam betas (GenerativeSynthesizer)
     "lambda_bn": 0.0,        # BN-statistics weight (--bn)
     "lambda_onehot": 0.0,    # one-hot weight (--oh)
@@ -79,6 +84,8 @@ class GenerativeSynthesis(GeneratorMethod):
             for key in ("adversary", "student_loss"):
                 require(o[key] in DISTANCES, f"{self.name}.{key} must be one of {', '.join(DISTANCES)}, "
                                              f"got {o[key]!r}")
+            require(o["generator_schedule"] in GENERATOR_SCHEDULES,
+                    f"{self.name}.generator_schedule must be constant or run, got {o['generator_schedule']!r}")
             require(any(o[k] for k in WEIGHTS.values()),
                     f"{self.name}: every generator weight is 0, so the generator never learns: set one of "
                     f"{', '.join(WEIGHTS.values())}")
@@ -88,6 +95,12 @@ class GenerativeSynthesis(GeneratorMethod):
     def uses_benchmark_loop(self) -> bool:
         """True when this run's options are the benchmark loop's (the recipe `benchmark`, or DFQ always)."""
         return self.opts.get("recipe", "benchmark") == "benchmark"
+
+    def lr_lambda(self, player: str, schedule: Callable[[int, int], float]) -> Callable[[int], float]:
+        """The run's schedule, except a constant generator lr under `generator_schedule=constant`."""
+        if player == "generator" and self.uses_benchmark_loop() and self.opts["generator_schedule"] == "constant":
+            return lambda step: 1.0
+        return super().lr_lambda(player, schedule)
 
     def distance(self, kind: str, s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0) -> Tensor:
         """KL(T || S) at `temperature` (batch mean, times T^2) for kind kl; the mean absolute difference for l1."""
