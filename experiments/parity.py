@@ -1,0 +1,398 @@
+"""Side by side with the public reference: DAFL, ZSKT, DFAD and DFQ in zju-vipa/Fast-Datafree and in this toolkit.
+
+Both sides get the same teacher, student architecture, generator width, normalisation, student optimiser and
+schedule, student budget and evaluation (the full test set through `mosaic evaluate`'s code), at `cpu-small`'s
+scale: the cnn_small teacher (trained by the cpu-small suite if its folder is missing), a cnn_tiny student,
+1,000 student updates of 64 images. The reference's own classes do the generator's work (its `Generator`,
+`GenerativeSynthesizer`, `Normalizer` and `KLDiv`) and the KD loop mirrors its `datafree_kd.train`; nothing
+of it is copied here: it is imported from the folder you fetched.
+
+    git clone https://github.com/zju-vipa/Fast-Datafree ../Fast-Datafree
+    python experiments/parity.py --reference ../Fast-Datafree --check          # the harness checks, ~1 min
+      (the first call trains cpu-small's teacher into runs/demo-teacher, ~8 min on 2 cores; the reference needs
+      `pip install termcolor`)
+    python experiments/parity.py --reference ../Fast-Datafree --methods dafl zskt --seeds 0 1
+
+Three implementations per (method, recipe, seed), one CSV line each in experiments/results/parity-cpu-small.csv:
+`toolkit` (`mosaic distill`), `reference` (the reference's classes with the real student in the adversarial
+term and the KD loss at the recipe's temperature: what its scripts say) and `reference-shipped` (wired as its
+datafree_kd.py wires these four methods: the synthesiser's "student" is the teacher, which zeroes the
+adversarial term, and KD runs at T=1, or L1 for DFAD). Recipes: `benchmark` (the scripts' ratio, weights and
+temperature, all four methods) and `paper` where the reference's options can express the original code's
+ratio, weights and temperature (DAFL, ZSKT; DFAD's paper settings are the benchmark's on the reference side;
+DFQ has one recipe). What the reference cannot express stays as the reference does it: its sigmoid generator,
+fresh images for every KD step, an SGD student without ZSKT's attention term.
+
+Checks, run first every time: the teacher's top-1 through the reference's calling convention and Normalizer
+equals the toolkit's; after each run every generator term with a non-zero weight is non-zero (a zero term is
+recorded in `zero_terms`, and aborts a `reference` or `toolkit` run: it would be no evidence).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from suite import as_overrides, ensure_teacher, load_spec, mean_std, suite_data  # noqa: E402
+
+METHODS = ("dafl", "zskt", "dfad", "dfq")
+IMPLEMENTATIONS = ("toolkit", "reference", "reference-shipped")
+COLUMNS = ["method", "recipe", "implementation", "seed", "student_top1", "teacher_top1", "wall_s",
+           "student_updates", "generator_steps", "zero_terms"]
+UPDATES, BATCH, NGF = 1000, 64, 32  # cpu-small's student budget and generator width
+ZERO = 1e-6  # a term below this is zero (KL of two identical fp32 softmaxes rounds to about 1e-8)
+TERMS = {"bn": "lambda_bn", "oh": "lambda_onehot", "act": "lambda_act", "balance": "lambda_balance",
+         "adv": "lambda_adv"}  # the reference's weights and the toolkit options they come from
+
+
+class ParityError(RuntimeError):
+    """The harness cannot run as asked (reference folder missing, a check failed)."""
+
+
+# ----------------------------------------------------------------------------- the recipes
+
+def toolkit_recipe(method: str, recipe: str) -> dict:
+    """The toolkit's resolved options of `method` at `recipe` (DFQ: its one recipe)."""
+    from mosaic.methods import method_defaults
+    return method_defaults(method) if method == "dfq" else method_defaults(method, recipe)
+
+
+def reference_settings(method: str, recipe: str) -> dict | None:
+    """What the reference's GenerativeSynthesizer and KD loop get for `method` at `recipe`; None: not expressible.
+
+    Benchmark: the toolkit's benchmark options, term by term. Paper: the original code's ratio, weights and
+    temperature on the reference's own generator (DAFL's log10 entropy weight becomes its natural-log
+    equivalent, 5 / ln 10; ZSKT's adversary alone at 10 student steps).
+    """
+    if recipe == "benchmark" or method == "dfq":
+        o = toolkit_recipe(method, "benchmark")
+        return {"nz": o["nz"], "lr_g": o["lr_g"], "kd_steps": o["student_steps"], "T": o["temperature"],
+                "l1": o["adversary"] == "l1", **{k: o[v] for k, v in TERMS.items()}}
+    o = toolkit_recipe(method, "paper")
+    zero = dict.fromkeys(TERMS, 0.0)
+    if method == "dafl":
+        return {"nz": o["nz"], "lr_g": 1e-3, "kd_steps": 1, "T": o["temperature"], "l1": False,
+                **zero, "oh": o["lambda_onehot"], "act": o["lambda_act"], "balance": o["lambda_ie"] / math.log(10)}
+    if method == "zskt":
+        return {"nz": o["nz"], "lr_g": o["lr_g"], "kd_steps": o["student_steps"], "T": o["temperature"],
+                "l1": False, **zero, "adv": 1.0}
+    return None  # dfad: the reference's paper settings are its benchmark ones
+
+
+def toolkit_steps(method: str, recipe: str, updates: int) -> int:
+    """Engine steps giving `updates` student updates (DAFL's paper recipe: one per step)."""
+    return updates // toolkit_recipe(method, recipe).get("student_steps", 1)
+
+
+# ----------------------------------------------------------------------------- the reference
+
+def import_reference(folder: Path):
+    """The reference's `datafree` package, imported from `folder` (never copied here)."""
+    if not (folder / "datafree" / "synthesis" / "generative.py").is_file():
+        raise ParityError(f"no Fast-Datafree checkout at {folder}: run `git clone "
+                          f"https://github.com/zju-vipa/Fast-Datafree {folder}` (or pass --reference PATH)")
+    sys.path.insert(0, str(folder.resolve()))
+    try:
+        import datafree
+    except ImportError as err:
+        raise ParityError(f"the reference at {folder} needs a package this environment lacks ({err}); "
+                          f"`pip install` it into this environment (termcolor is the one mosaic-kd lacks)") from None
+    # its models package imports classifiers written for an old torchvision; the generator needs torch alone
+    spec = importlib.util.spec_from_file_location("datafree_generator", folder / "datafree" / "models" / "generator.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    datafree.reference_generator = generator
+    return datafree
+
+
+class ReferenceView(nn.Module):
+    """A timm-style classifier called as the reference calls its models: net(x) or net(x, return_features=True)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        fmap = self.net.forward_features(x)
+        logits = self.net.forward_head(fmap)
+        return (logits, self.net.forward_head(fmap, pre_logits=True)) if return_features else logits
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def reference_terms(ref, synth, teacher, settings: dict) -> dict[str, float]:
+    """Each weighted generator term of the reference's objective on a fresh batch, as its synthesize() computes it."""
+    with torch.no_grad():
+        z = torch.randn(BATCH, settings["nz"])
+        x = synth.normalizer(synth.generator(z))
+        t_out, t_feat = teacher(x, return_features=True)
+        p = F.softmax(t_out, dim=1).mean(0)
+        s_out = synth.student(x)
+        adv = -(synth.criterion(s_out, t_out))
+        return {"bn": float(sum(h.r_feature for h in synth.hooks)), "oh": F.cross_entropy(t_out, t_out.argmax(1)).item(),
+                "act": -t_feat.abs().mean().item(), "balance": (p * p.log()).sum().item(), "adv": float(adv)}
+
+
+def run_reference(ref, *, method: str, recipe: str, seed: int, shipped: bool, teacher_dir: Path, cfg: dict,
+                  out: Path, updates: int = UPDATES) -> dict:
+    """Train a student with the reference's generator loop; its top-1 by the toolkit's evaluation."""
+    from mosaic.engine.schedule import lr_factor
+    from mosaic.models import create_model, load_classifier, save_model
+
+    settings = reference_settings(method, recipe)
+    seed_all(seed)
+    net, meta = load_classifier(teacher_dir / "model.safetensors")
+    teacher = ReferenceView(net).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = create_model(cfg["student"]["arch"], num_classes=meta["num_classes"])
+    normalizer = ref.utils.Normalizer(mean=meta["mean"], std=meta["std"])
+    generator = ref.reference_generator.Generator(nz=settings["nz"], ngf=NGF, img_size=meta["image_size"], nc=3)
+    adversary = torch.nn.L1Loss() if settings["l1"] else ref.criterions.KLDiv()
+    synth = ref.synthesis.GenerativeSynthesizer(
+        teacher=teacher, student=teacher if shipped else student, generator=generator, nz=settings["nz"],
+        img_size=(3, meta["image_size"], meta["image_size"]), iterations=1, lr_g=settings["lr_g"],
+        synthesis_batch_size=BATCH, sample_batch_size=BATCH, adv=settings["adv"], bn=settings["bn"],
+        oh=settings["oh"], act=settings["act"], balance=settings["balance"], criterion=adversary,
+        normalizer=normalizer, device="cpu")
+    if settings["l1"]:
+        kd = torch.nn.L1Loss()
+    else:
+        kd = ref.criterions.KLDiv(T=1.0 if shipped else settings["T"])
+    s = cfg["student"]
+    opt = torch.optim.SGD(student.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
+                          nesterov=s["nesterov"])
+    rounds = updates // settings["kd_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda r: lr_factor(r, rounds, kind=cfg["schedule"],
+                                                                      warmup=float(cfg["warmup"])))
+    start = time.time()
+    for _ in range(rounds):  # datafree_kd.py: synthesize (g_steps), then train (kd_steps)
+        synth.synthesize()
+        student.train()
+        for _ in range(settings["kd_steps"]):
+            images, _ = synth.sample()
+            with torch.no_grad():
+                t_out = teacher(images)
+            loss = kd(student(images.detach()), t_out.detach())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()  # the toolkit steps its schedule once per engine step (one generator step and its KD)
+    wall = time.time() - start
+    terms = reference_terms(ref, synth, teacher, settings)
+    zero = [k for k in TERMS if settings[k] and abs(terms[k]) < ZERO]
+    folder = out / f"parity-{method}-{recipe}-{'shipped' if shipped else 'reference'}-s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(student.eval(), folder, meta={"arch": cfg["student"]["arch"], "num_classes": meta["num_classes"],
+                                             "in_chans": 3, "image_size": meta["image_size"],
+                                             "mean": meta["mean"], "std": meta["std"]})
+    scores = evaluate_folder(folder, cfg)
+    return {"student_top1": scores["student_top1"], "teacher_top1": scores["teacher_top1"], "wall_s": round(wall, 1),
+            "student_updates": rounds * settings["kd_steps"], "generator_steps": rounds, "zero_terms": " ".join(zero)}
+
+
+# ----------------------------------------------------------------------------- the toolkit
+
+def toolkit_items(method: str, recipe: str, seed: int, *, spec: dict, teacher_dir: Path, out: Path,
+                  updates: int = UPDATES) -> dict:
+    """The `mosaic distill` overrides of a toolkit run: cpu-small's common section, the method at `recipe`."""
+    items = {**suite_data(spec), **spec.get("common", {}), "method": method, "seed": seed,
+             "steps": toolkit_steps(method, recipe, updates), f"{method}.ngf": NGF,
+             "teacher": str(teacher_dir / "model.safetensors"), "out_dir": str(out),
+             "name": f"parity-{method}-{recipe}-toolkit-s{seed}", "overwrite": True, "ckpt_every": 0,
+             "eval_every": 0}  # one evaluation at the end, as the reference side
+    if method != "dfq":
+        items[f"{method}.recipe"] = recipe
+    return items
+
+
+def run_toolkit(method: str, recipe: str, seed: int, *, spec: dict, teacher_dir: Path, out: Path,
+                updates: int = UPDATES) -> dict:
+    """Train the student with `mosaic distill`'s code; its top-1 and the non-zero-term check."""
+    from mosaic.cli import _resolve
+    from mosaic.engine import train
+
+    cfg = _resolve(as_overrides(toolkit_items(method, recipe, seed, spec=spec, teacher_dir=teacher_dir, out=out,
+                                              updates=updates)))
+    res = train(cfg)
+    o = cfg[method]
+    names = {"g_bn": "lambda_bn", "g_oh": "lambda_onehot", "g_act": "lambda_act", "g_balance": "lambda_balance",
+             "g_ie": "lambda_ie", "g_adv": "lambda_adv" if "lambda_adv" in o else None}
+    losses = res["final_losses"]
+    zero = [k for k, w in names.items() if k in losses and (w is None or o.get(w)) and abs(losses[k]) < ZERO]
+    return {"student_top1": res["student_top1"], "teacher_top1": res.get("teacher_top1"), "wall_s": res["wall_s"],
+            "student_updates": res["student_updates"], "generator_steps": res["steps"], "zero_terms": " ".join(zero)}
+
+
+def evaluate_folder(folder: Path, cfg: dict) -> dict:
+    """The toolkit's evaluation (`mosaic evaluate`) of a saved student against cfg's teacher."""
+    from mosaic.engine.evaluation import evaluate
+    return evaluate(str(folder), cfg)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_teacher(ref, teacher_dir: Path, cfg: dict) -> float:
+    """The teacher's top-1 through ReferenceView and the reference's Normalizer must equal the toolkit's."""
+    from mosaic.data import load_split
+    from mosaic.models import load_classifier
+
+    toolkit = evaluate_folder(teacher_dir, cfg)["student_top1"]
+    net, meta = load_classifier(teacher_dir / "model.safetensors")
+    view, norm = ReferenceView(net).eval(), ref.utils.Normalizer(mean=meta["mean"], std=meta["std"])
+    test = load_split(cfg, "test", image_size=meta["image_size"], channels=3)
+    with torch.no_grad():
+        pred = torch.cat([view(norm(test.images[i:i + 500].float() / 255)).argmax(1)  # uint8 -> [0, 1], as ToTensor
+                          for i in range(0, len(test), 500)])
+    through = (pred == test.labels).float().mean().item()
+    if abs(through - toolkit) > 1e-4:
+        raise ParityError(f"the teacher scores {through:.4f} through the harness but {toolkit:.4f} in the toolkit: "
+                          f"the harness's normalisation or calling convention is wrong")
+    print(f"[parity] teacher top-1 {toolkit:.4f} in the toolkit and through the reference's convention", flush=True)
+    return toolkit
+
+
+# ----------------------------------------------------------------------------- results
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def write_results(rows: list[dict], stem: Path) -> None:
+    """The CSV (one line per run, re-runs replace their line) and the markdown comparison."""
+    key = lambda r: (r["method"], r["recipe"], r["implementation"], int(r["seed"]))  # noqa: E731
+    merged = {key(r): r for r in read_csv(stem.with_suffix(".csv"))}
+    merged.update({key(r): r for r in rows})
+    ordered = sorted(merged.values(), key=lambda r: (METHODS.index(r["method"]), r["recipe"],
+                                                     IMPLEMENTATIONS.index(r["implementation"]), int(r["seed"])))
+    with stem.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(ordered)
+    stem.with_suffix(".md").write_text(markdown(ordered))
+
+
+def cell(values: list[float]) -> str:
+    m, sd = mean_std([100 * v for v in values])
+    if m is None:
+        return "-"
+    return f"{m:.2f} ± {sd:.2f} ({len(values)})" if sd is not None else f"{m:.2f} (1)"
+
+
+def markdown(rows: list[dict]) -> str:
+    """One line per (method, recipe): each implementation's mean ± std (runs), the gap and the goal's verdict."""
+    lines = ["# Parity with zju-vipa/Fast-Datafree at cpu-small", "",
+             "cnn_small teacher -> cnn_tiny student, 1,000 student updates of 64 generated images, generator ngf 32, "
+             "full CIFAR-10 test set; `python experiments/parity.py`. Goal: toolkit mean >= reference mean - "
+             "max(1.0, the larger seed std). `reference-shipped`: the reference as its driver wires these methods "
+             "(the adversary sees the teacher, KD at T=1).", "",
+             "| method | recipe | toolkit | reference | reference-shipped | toolkit - reference | goal |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["recipe"]), {}).setdefault(r["implementation"], []).append(
+            float(r["student_top1"]))
+    for (method, recipe), by in groups.items():
+        tk, rf = by.get("toolkit", []), by.get("reference", [])
+        gap, verdict = "-", "-"
+        if tk and rf:
+            (mt, st), (mr, sr) = mean_std([100 * v for v in tk]), mean_std([100 * v for v in rf])
+            tol = max(1.0, st or 0.0, sr or 0.0)
+            gap = f"{mt - mr:+.2f}"
+            verdict = "met" if mt >= mr - tol else f"missed (tolerance {tol:.2f})"
+            if mr < 11.0:
+                verdict += "; reference at chance"
+        lines.append(f"| {method} | {recipe} | {cell(tk)} | {cell(rf)} | {cell(by.get('reference-shipped', []))} "
+                     f"| {gap} | {verdict} |")
+    zeros = [f"{r['method']} {r['recipe']} {r['implementation']} s{r['seed']}: {r['zero_terms']}"
+             for r in rows if r.get("zero_terms")]
+    if zeros:
+        lines += ["", "Generator terms with a non-zero weight that were zero: " + "; ".join(zeros) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reference", type=Path, default=HERE.parent.parent / "Fast-Datafree",
+                   help="a zju-vipa/Fast-Datafree checkout (default: ../Fast-Datafree beside the repository)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--recipes", nargs="+", choices=("benchmark", "paper"), default=["benchmark", "paper"])
+    p.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--out", type=Path, default=HERE.parent / "runs", help="run folders (default runs/)")
+    p.add_argument("--results", type=Path, default=HERE / "results" / "parity-cpu-small",
+                   help="CSV / markdown stem (default experiments/results/parity-cpu-small)")
+    p.add_argument("--updates", type=int, default=UPDATES,
+                   help=f"student updates per run (default {UPDATES}, cpu-small's; fewer only to try the harness)")
+    p.add_argument("--check", action="store_true", help="only the harness checks (teacher top-1), then stop")
+    args = p.parse_args(argv)
+    from mosaic.cli import _resolve
+
+    try:
+        ref = import_reference(args.reference)
+        name, spec = load_spec("cpu-small")
+        teacher_dir, _ = ensure_teacher(name, spec, suite_data(spec), out_dir=args.out)
+        cfg = _resolve(as_overrides(toolkit_items("dafl", "benchmark", 0, spec=spec, teacher_dir=teacher_dir,
+                                                  out=args.out)))
+        check_teacher(ref, teacher_dir, cfg)
+        if args.check:
+            return 0
+        for method in args.methods:
+            for recipe in args.recipes:
+                if method == "dfq" and recipe == "paper":
+                    continue  # one recipe
+                for seed in args.seeds:
+                    for impl in args.implementations:
+                        if impl != "toolkit" and reference_settings(method, recipe) is None:
+                            continue
+                        if impl == "toolkit" and recipe == "paper" and reference_settings(method, recipe) is None:
+                            continue  # nothing to compare it with
+                        print(f"[parity] {method} {recipe} {impl} seed {seed}", flush=True)
+                        if impl == "toolkit":
+                            res = run_toolkit(method, recipe, seed, spec=spec, teacher_dir=teacher_dir, out=args.out,
+                                              updates=args.updates)
+                        else:
+                            cfg_m = _resolve(as_overrides(toolkit_items(method, recipe, seed, spec=spec,
+                                                                        teacher_dir=teacher_dir, out=args.out)))
+                            res = run_reference(ref, method=method, recipe=recipe, seed=seed,
+                                                shipped=impl == "reference-shipped", teacher_dir=teacher_dir,
+                                                cfg=cfg_m, out=args.out, updates=args.updates)
+                        row = {"method": method, "recipe": recipe, "implementation": impl, "seed": seed, **res}
+                        print(f"[parity] -> {row}", flush=True)
+                        if impl != "reference-shipped" and res["zero_terms"]:
+                            raise ParityError(f"{method} {recipe} {impl}: generator terms {res['zero_terms']} "
+                                              f"have a weight but are zero, so the run is no evidence")
+                        write_results([row], args.results)
+    except ParityError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""experiments/parity.py without the reference checkout: recipe mapping, the missing-folder error, the verdicts."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+import parity  # noqa: E402
+from mosaic.methods import method_defaults  # noqa: E402
+
+
+def test_benchmark_settings_are_the_toolkits_benchmark_options():
+    for method in parity.METHODS:
+        s = parity.reference_settings(method, "benchmark")
+        o = method_defaults(method) if method == "dfq" else method_defaults(method, "benchmark")
+        assert (s["nz"], s["lr_g"], s["kd_steps"], s["T"]) == (o["nz"], o["lr_g"], o["student_steps"],
+                                                                o["temperature"])
+        assert {k: s[k] for k in parity.TERMS} == {k: o[v] for k, v in parity.TERMS.items()}
+    assert parity.reference_settings("dfad", "benchmark")["l1"] is True
+    assert parity.reference_settings("dfq", "benchmark")["kd_steps"] == 10
+
+
+def test_paper_settings_carry_ratio_weights_and_temperature():
+    dafl = parity.reference_settings("dafl", "paper")
+    assert dafl["kd_steps"] == 1 and dafl["oh"] == 1.0 and dafl["act"] == 0.1 and dafl["adv"] == 0.0
+    # DAFL's entropy weight 5 on a log10 is 5 / ln 10 on the reference's natural log: the same loss
+    p = torch.tensor([0.5, 0.3, 0.2])
+    assert dafl["balance"] * (p * p.log()).sum().item() == pytest.approx(5 * (p * p.log10()).sum().item())
+    zskt = parity.reference_settings("zskt", "paper")
+    assert zskt["kd_steps"] == 10 and zskt["adv"] == 1.0 and zskt["T"] == 1.0
+    assert sum(zskt[k] for k in ("bn", "oh", "act", "balance")) == 0.0
+    assert parity.reference_settings("dfad", "paper") is None  # the reference side has nothing else to run
+
+
+def test_toolkit_steps_give_the_same_student_updates():
+    assert parity.toolkit_steps("dafl", "paper", 1000) == 1000
+    assert parity.toolkit_steps("zskt", "paper", 1000) == 100
+    assert parity.toolkit_steps("dafl", "benchmark", 1000) == 200
+    assert parity.toolkit_steps("dfq", "benchmark", 1000) == 100
+
+
+def test_missing_reference_says_how_to_get_it(tmp_path):
+    with pytest.raises(parity.ParityError, match="git clone https://github.com/zju-vipa/Fast-Datafree"):
+        parity.import_reference(tmp_path / "nowhere")
+
+
+def test_reference_view_calls_like_the_reference_models():
+    from mosaic.models import create_model
+    net = create_model("cnn_tiny", num_classes=3).eval()
+    view = parity.ReferenceView(net)
+    x = torch.randn(2, 3, 16, 16)
+    logits, feat = view(x, return_features=True)
+    assert torch.allclose(logits, net(x)) and torch.allclose(view(x), net(x))
+    assert feat.shape[0] == 2 and feat.ndim == 2
+
+
+def row(method, recipe, impl, seed, top1, zero=""):
+    return {"method": method, "recipe": recipe, "implementation": impl, "seed": seed, "student_top1": top1,
+            "teacher_top1": 0.64, "wall_s": 1.0, "student_updates": 1000, "generator_steps": 200, "zero_terms": zero}
+
+
+def test_markdown_verdicts_use_the_larger_spread_and_flag_chance(tmp_path):
+    rows = [row("dafl", "benchmark", "toolkit", 0, 0.30), row("dafl", "benchmark", "toolkit", 1, 0.32),
+            row("dafl", "benchmark", "reference", 0, 0.33), row("dafl", "benchmark", "reference", 1, 0.30),
+            row("zskt", "benchmark", "toolkit", 0, 0.20), row("zskt", "benchmark", "reference", 0, 0.10),
+            row("zskt", "benchmark", "reference-shipped", 0, 0.10, "adv"),
+            row("dfad", "benchmark", "toolkit", 0, 0.20), row("dfad", "benchmark", "reference", 0, 0.25)]
+    parity.write_results(rows, tmp_path / "p")
+    md = (tmp_path / "p.md").read_text()
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in md.splitlines() if line.startswith("| d")
+             or line.startswith("| z")}
+    # toolkit 31.00 +- 1.41, reference 31.50 +- 2.12: gap -0.50 within max(1, 2.12)
+    assert "31.00 ± 1.41 (2)" in lines[("dafl", "benchmark")] and "-0.50" in lines[("dafl", "benchmark")]
+    assert lines[("dafl", "benchmark")].rstrip().endswith("| met |")
+    assert "reference at chance" in lines[("zskt", "benchmark")]
+    assert "missed (tolerance 1.00)" in lines[("dfad", "benchmark")]  # one seed each: tolerance 1.0, gap -5
+    assert "zskt benchmark reference-shipped s0: adv" in md
+    # a re-run replaces its CSV line instead of adding one
+    parity.write_results([row("dfad", "benchmark", "toolkit", 0, 0.26)], tmp_path / "p")
+    text = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(text) == 1 + len(rows) and "missed" not in (tmp_path / "p.md").read_text().split("| dfad")[1]
+    assert math.isclose(float([x for x in text if x.startswith("dfad,benchmark,toolkit")][0].split(",")[4]), 0.26)
