@@ -1,11 +1,14 @@
-"""Side by side with the public reference: DAFL, ZSKT, DFAD and DFQ in zju-vipa/Fast-Datafree and in this toolkit.
+"""Side by side with the public reference: DAFL, ZSKT, DFAD, DFQ, CMI and Fast in zju-vipa/Fast-Datafree and here.
 
 Both sides get the same teacher, student architecture, generator width, normalisation, student optimiser and
 schedule, student budget and evaluation (the full test set through `mosaic evaluate`'s code), at `cpu-small`'s
 scale: the cnn_small teacher (trained by the cpu-small suite if its folder is missing), a cnn_tiny student,
 1,000 student updates of 64 images. The reference's own classes do the generator's work (its `Generator`,
-`GenerativeSynthesizer`, `Normalizer` and `KLDiv`) and the KD loop mirrors its `datafree_kd.train`; nothing
-of it is copied here: it is imported from the folder you fetched.
+`GenerativeSynthesizer`, `CMISynthesizer`, `FastMetaSynthesizer`, `Normalizer` and `KLDiv`) and the KD loop
+mirrors its `datafree_kd.train`; nothing of it is copied here: it is imported from the folder you fetched. CMI
+and Fast run at cpu-small's synthesis rate (CMI one batch of 64 every 125 KD steps, Fast 20 warm-up syntheses
+then one every 25), their pools written as PNGs and read back through the reference's CIFAR train transform, as
+its driver does; its CUDA-only calls (`Generator.clone`, the FOMAML gradient) are made no-ops on a CPU.
 
     git clone https://github.com/zju-vipa/Fast-Datafree ../Fast-Datafree
     python experiments/parity.py --reference ../Fast-Datafree --check          # the harness checks, ~1 min
@@ -13,23 +16,26 @@ of it is copied here: it is imported from the folder you fetched.
       `pip install termcolor`)
     python experiments/parity.py --reference ../Fast-Datafree --methods dafl zskt --seeds 0 1
 
-Three implementations per (method, recipe, seed), one CSV line each in experiments/results/parity-cpu-small.csv:
+Up to three implementations per (method, recipe, seed), one CSV line each in experiments/results/parity-cpu-small.csv:
 `toolkit` (`mosaic distill`), `reference` (the reference's classes with the real student in the adversarial
 term and the KD loss at the recipe's temperature: what its scripts say) and `reference-shipped` (wired as its
 datafree_kd.py wires these four methods: the synthesiser's "student" is the teacher, which zeroes the
 adversarial term, and KD runs at T=1, or L1 for DFAD). Recipes: `benchmark` (the scripts' ratio, weights and
 temperature, all four methods) and `paper` where the reference's options can express the original code's
 ratio, weights and temperature (DAFL, ZSKT; DFAD's paper settings are the benchmark's on the reference side;
-DFQ has one recipe). What the reference cannot express stays as the reference does it: its sigmoid generator,
+DFQ, CMI and Fast have one recipe, `benchmark`; CMI and Fast have no `reference-shipped`: the driver wires them
+as their scripts say). What the reference cannot express stays as the reference does it: its sigmoid generator,
 fresh images for every KD step, an SGD student without ZSKT's attention term.
 
 Checks, run first every time: the teacher's top-1 through the reference's calling convention and Normalizer
 equals the toolkit's; after each run every generator term with a non-zero weight is non-zero (a zero term is
-recorded in `zero_terms`, and aborts a `reference` or `toolkit` run: it would be no evidence).
+recorded in `zero_terms`, and aborts a `reference` or `toolkit` run: it would be no evidence; checked for the
+generator-loop methods).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import math
@@ -47,7 +53,10 @@ sys.path.insert(0, str(HERE))
 
 from suite import as_overrides, ensure_teacher, load_spec, mean_std, suite_data  # noqa: E402
 
-METHODS = ("dafl", "zskt", "dfad", "dfq")
+GENERATIVE = ("dafl", "zskt", "dfad", "dfq")  # the reference's GenerativeSynthesizer loop
+POOL = ("cmi", "fast")                         # synthesised pools (CMISynthesizer, FastMetaSynthesizer)
+ONE_RECIPE = ("dfq", *POOL)                    # methods whose defaults are the benchmark scripts'
+METHODS = (*GENERATIVE, *POOL)
 IMPLEMENTATIONS = ("toolkit", "reference", "reference-shipped")
 COLUMNS = ["method", "recipe", "implementation", "seed", "student_top1", "teacher_top1", "wall_s",
            "student_updates", "generator_steps", "zero_terms"]
@@ -66,7 +75,7 @@ class ParityError(RuntimeError):
 def toolkit_recipe(method: str, recipe: str) -> dict:
     """The toolkit's resolved options of `method` at `recipe` (DFQ: its one recipe)."""
     from mosaic.methods import method_defaults
-    return method_defaults(method) if method == "dfq" else method_defaults(method, recipe)
+    return method_defaults(method) if method in ONE_RECIPE else method_defaults(method, recipe)
 
 
 def reference_settings(method: str, recipe: str) -> dict | None:
@@ -76,6 +85,8 @@ def reference_settings(method: str, recipe: str) -> dict | None:
     temperature on the reference's own generator (DAFL's log10 entropy weight becomes its natural-log
     equivalent, 5 / ln 10; ZSKT's adversary alone at 10 student steps).
     """
+    if method in POOL:
+        return {} if recipe == "benchmark" else None  # run from the toolkit's resolved options (run_reference_pool)
     if recipe == "benchmark" or method == "dfq":
         o = toolkit_recipe(method, "benchmark")
         return {"nz": o["nz"], "lr_g": o["lr_g"], "kd_steps": o["student_steps"], "T": o["temperature"],
@@ -92,8 +103,14 @@ def reference_settings(method: str, recipe: str) -> dict | None:
 
 
 def toolkit_steps(method: str, recipe: str, updates: int) -> int:
-    """Engine steps giving `updates` student updates (DAFL's paper recipe: one per step)."""
-    return updates // toolkit_recipe(method, recipe).get("student_steps", 1)
+    """Engine steps giving `updates` student updates (DAFL's paper recipe: one per step; pools: plus warm-up)."""
+    o = toolkit_recipe(method, recipe)
+    if method in POOL:
+        return updates + POOL_RATES[method].get("warmup", o["warmup"])
+    return updates // o.get("student_steps", 1)
+
+
+POOL_RATES = {"cmi": {"synth_every": 125}, "fast": {"synth_every": 25, "warmup": 20}}  # cpu-small's rows
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -211,6 +228,95 @@ def run_reference(ref, *, method: str, recipe: str, seed: int, shipped: bool, te
             "student_updates": rounds * settings["kd_steps"], "generator_steps": rounds, "zero_terms": " ".join(zero)}
 
 
+@contextlib.contextmanager
+def cpu_only():
+    """The reference's CUDA-only calls (`.cuda()` in Generator.clone and the FOMAML gradient) as no-ops without CUDA."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.Tensor.cuda, nn.Module.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, nn.Module.cuda = saved
+
+
+def run_reference_pool(ref, *, method: str, seed: int, teacher_dir: Path, cfg: dict, out: Path,
+                       updates: int = UPDATES) -> dict:
+    """CMI or Fast through the reference's synthesiser and pool, at the toolkit run's resolved options."""
+    import shutil
+
+    from torchvision import transforms as T
+
+    from mosaic.engine.schedule import lr_factor
+    from mosaic.models import create_model, load_classifier, save_model
+
+    o = cfg[method]
+    seed_all(seed)
+    net, meta = load_classifier(teacher_dir / "model.safetensors")
+    teacher = ReferenceView(net).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    size, classes = meta["image_size"], meta["num_classes"]
+    student = create_model(cfg["student"]["arch"], num_classes=classes)
+    normalizer = ref.utils.Normalizer(mean=meta["mean"], std=meta["std"])
+    transform = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(meta["mean"], meta["std"])])  # registry.py's CIFAR train transform
+    folder = out / f"parity-{method}-benchmark-reference-s{seed}"
+    pool_dir = folder / "pool"
+    shutil.rmtree(pool_dir, ignore_errors=True)  # the reference reads every image in its folder
+    generator = ref.reference_generator.Generator(nz=o["nz"], ngf=o["ngf"], img_size=size, nc=3)
+    common = dict(nz=o["nz"], num_classes=classes, img_size=(3, size, size), init_dataset=None,
+                  iterations=o["g_steps"], lr_g=o["lr_g"], synthesis_batch_size=BATCH, sample_batch_size=BATCH,
+                  adv=o["lambda_adv"], bn=o["lambda_bn"], oh=o["lambda_oh"], save_dir=str(pool_dir),
+                  transform=transform, normalizer=normalizer, device="cpu")
+    if method == "cmi":
+        synth = ref.synthesis.CMISynthesizer(teacher, student, generator, feature_reuse=False, feature_layers=None,
+                                             bank_size=o["bank_size"], n_neg=o["n_neg"], head_dim=o["head_dim"],
+                                             progressive_scale=False, cr=o["lambda_cr"], cr_T=o["cr_temperature"],
+                                             **common)
+    else:
+        synth = ref.synthesis.FastMetaSynthesizer(teacher, student, generator, lr_z=o["lr_z"], warmup=o["warmup"],
+                                                  reset_l0=1, reset_bn=0, bn_mmt=o["bn_momentum"],
+                                                  is_maml=int(o["meta"] == "fomaml"), **common)
+    kd = ref.criterions.KLDiv(T=o["temperature"])
+    s = cfg["student"]
+    opt = torch.optim.SGD(student.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
+                          nesterov=s["nesterov"])
+    warm, every = o["warmup"], o["synth_every"]
+    total = warm + updates  # the toolkit's engine steps: warm-up syntheses, then one KD update each
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, kind=cfg["schedule"],
+                                                                      warmup=float(cfg["warmup"])))
+    start, done, syntheses = time.time(), 0, 0
+    with cpu_only():
+        for _ in range(warm):
+            synth.synthesize()
+            syntheses += 1
+            sched.step()
+        while done < updates:
+            synth.synthesize()
+            syntheses += 1
+            student.train()
+            for _ in range(min(every, updates - done)):
+                images = synth.sample()
+                with torch.no_grad():
+                    t_out = teacher(images)
+                loss = kd(student(images.detach()), t_out.detach())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                done += 1
+    wall = time.time() - start
+    save_model(student.eval(), folder, meta={"arch": cfg["student"]["arch"], "num_classes": classes, "in_chans": 3,
+                                             "image_size": size, "mean": meta["mean"], "std": meta["std"]})
+    scores = evaluate_folder(folder, cfg)
+    return {"student_top1": scores["student_top1"], "teacher_top1": scores["teacher_top1"], "wall_s": round(wall, 1),
+            "student_updates": done, "generator_steps": syntheses * o["g_steps"], "zero_terms": ""}
+
+
 # ----------------------------------------------------------------------------- the toolkit
 
 def toolkit_items(method: str, recipe: str, seed: int, *, spec: dict, teacher_dir: Path, out: Path,
@@ -221,8 +327,9 @@ def toolkit_items(method: str, recipe: str, seed: int, *, spec: dict, teacher_di
              "teacher": str(teacher_dir / "model.safetensors"), "out_dir": str(out),
              "name": f"parity-{method}-{recipe}-toolkit-s{seed}", "overwrite": True, "ckpt_every": 0,
              "eval_every": 0}  # one evaluation at the end, as the reference side
-    if method != "dfq":
+    if method not in ONE_RECIPE:
         items[f"{method}.recipe"] = recipe
+    items.update({f"{method}.{k}": v for k, v in POOL_RATES.get(method, {}).items()})
     return items
 
 
@@ -240,8 +347,9 @@ def run_toolkit(method: str, recipe: str, seed: int, *, spec: dict, teacher_dir:
              "g_ie": "lambda_ie", "g_adv": "lambda_adv" if "lambda_adv" in o else None}
     losses = res["final_losses"]
     zero = [k for k, w in names.items() if k in losses and (w is None or o.get(w)) and abs(losses[k]) < ZERO]
+    g_steps = res[f"{method}_syntheses"] * o["g_steps"] if method in POOL else res["steps"]
     return {"student_top1": res["student_top1"], "teacher_top1": res.get("teacher_top1"), "wall_s": res["wall_s"],
-            "student_updates": res["student_updates"], "generator_steps": res["steps"], "zero_terms": " ".join(zero)}
+            "student_updates": res["student_updates"], "generator_steps": g_steps, "zero_terms": " ".join(zero)}
 
 
 def evaluate_folder(folder: Path, cfg: dict) -> dict:
@@ -364,12 +472,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for method in args.methods:
             for recipe in args.recipes:
-                if method == "dfq" and recipe == "paper":
+                if method in ONE_RECIPE and recipe == "paper":
                     continue  # one recipe
                 for seed in args.seeds:
                     for impl in args.implementations:
                         if impl != "toolkit" and reference_settings(method, recipe) is None:
                             continue
+                        if impl == "reference-shipped" and method in POOL:
+                            continue  # the driver wires CMI and Fast as their scripts say
                         if impl == "toolkit" and recipe == "paper" and reference_settings(method, recipe) is None:
                             continue  # nothing to compare it with
                         print(f"[parity] {method} {recipe} {impl} seed {seed}", flush=True)
@@ -378,10 +488,15 @@ def main(argv: list[str] | None = None) -> int:
                                               updates=args.updates)
                         else:
                             cfg_m = _resolve(as_overrides(toolkit_items(method, recipe, seed, spec=spec,
-                                                                        teacher_dir=teacher_dir, out=args.out)))
-                            res = run_reference(ref, method=method, recipe=recipe, seed=seed,
-                                                shipped=impl == "reference-shipped", teacher_dir=teacher_dir,
-                                                cfg=cfg_m, out=args.out, updates=args.updates)
+                                                                        teacher_dir=teacher_dir, out=args.out,
+                                                                        updates=args.updates)))
+                            if method in POOL:
+                                res = run_reference_pool(ref, method=method, seed=seed, teacher_dir=teacher_dir,
+                                                         cfg=cfg_m, out=args.out, updates=args.updates)
+                            else:
+                                res = run_reference(ref, method=method, recipe=recipe, seed=seed,
+                                                    shipped=impl == "reference-shipped", teacher_dir=teacher_dir,
+                                                    cfg=cfg_m, out=args.out, updates=args.updates)
                         row = {"method": method, "recipe": recipe, "implementation": impl, "seed": seed, **res}
                         print(f"[parity] -> {row}", flush=True)
                         if impl != "reference-shipped" and res["zero_terms"]:

@@ -14,7 +14,7 @@ from mosaic.methods import method_defaults  # noqa: E402
 
 
 def test_benchmark_settings_are_the_toolkits_benchmark_options():
-    for method in parity.METHODS:
+    for method in parity.GENERATIVE:
         s = parity.reference_settings(method, "benchmark")
         o = method_defaults(method) if method == "dfq" else method_defaults(method, "benchmark")
         assert (s["nz"], s["lr_g"], s["kd_steps"], s["T"]) == (o["nz"], o["lr_g"], o["student_steps"],
@@ -84,3 +84,18 @@ def test_markdown_verdicts_use_the_larger_spread_and_flag_chance(tmp_path):
     text = (tmp_path / "p.csv").read_text().splitlines()
     assert len(text) == 1 + len(rows) and "missed" not in (tmp_path / "p.md").read_text().split("| dfad")[1]
     assert math.isclose(float([x for x in text if x.startswith("dfad,benchmark,toolkit")][0].split(",")[4]), 0.26)
+
+
+def test_pool_methods_take_cpu_smalls_synthesis_rate_and_one_recipe():
+    assert parity.toolkit_steps("fast", "benchmark", 1000) == 1020  # 20 synthesis-only warm-up steps first
+    assert parity.toolkit_steps("cmi", "benchmark", 1000) == 1000
+    assert parity.reference_settings("cmi", "benchmark") == {} and parity.reference_settings("fast", "paper") is None
+
+
+def test_cpu_only_shim_is_undone():
+    before = torch.Tensor.cuda, torch.nn.Module.cuda
+    x = torch.zeros(2)
+    with parity.cpu_only():
+        if not torch.cuda.is_available():
+            assert x.cuda() is x and torch.nn.Linear(2, 2).cuda().weight.device.type == "cpu"
+    assert (torch.Tensor.cuda, torch.nn.Module.cuda) == before
