@@ -157,6 +157,17 @@ def seed_all(seed: int) -> None:
         pass
 
 
+def kd_update(student: nn.Module, teacher: nn.Module, images: torch.Tensor, kd: nn.Module,
+              opt: torch.optim.Optimizer) -> None:
+    """One student update as the reference's datafree_kd.train makes it."""
+    with torch.no_grad():
+        t_out = teacher(images)
+    loss = kd(student(images.detach()), t_out.detach())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def reference_terms(ref, synth, teacher, settings: dict) -> dict[str, float]:
     """Each weighted generator term of the reference's objective on a fresh batch, as its synthesize() computes it."""
     with torch.no_grad():
@@ -207,13 +218,7 @@ def run_reference(ref, *, method: str, recipe: str, seed: int, shipped: bool, te
         synth.synthesize()
         student.train()
         for _ in range(settings["kd_steps"]):
-            images, _ = synth.sample()
-            with torch.no_grad():
-                t_out = teacher(images)
-            loss = kd(student(images.detach()), t_out.detach())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            kd_update(student, teacher, synth.sample()[0], kd, opt)
         sched.step()  # the toolkit steps its schedule once per engine step (one generator step and its KD)
     wall = time.time() - start
     terms = reference_terms(ref, synth, teacher, settings)
@@ -300,13 +305,7 @@ def run_reference_pool(ref, *, method: str, seed: int, teacher_dir: Path, cfg: d
             syntheses += 1
             student.train()
             for _ in range(min(every, updates - done)):
-                images = synth.sample()
-                with torch.no_grad():
-                    t_out = teacher(images)
-                loss = kd(student(images.detach()), t_out.detach())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                kd_update(student, teacher, synth.sample(), kd, opt)
                 sched.step()
                 done += 1
     wall = time.time() - start
