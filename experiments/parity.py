@@ -147,6 +147,23 @@ class ReferenceView(nn.Module):
         return (logits, self.net.forward_head(fmap, pre_logits=True)) if return_features else logits
 
 
+def reference_teacher(ref, teacher_dir: Path) -> tuple[nn.Module, object, dict]:
+    """The frozen teacher as the reference calls it, the reference's Normalizer at its statistics, and its meta."""
+    from mosaic.models import freeze, load_classifier
+    net, meta = load_classifier(teacher_dir / "model.safetensors")
+    return ReferenceView(freeze(net)), ref.utils.Normalizer(mean=meta["mean"], std=meta["std"]), meta
+
+
+def save_and_score(student: nn.Module, folder: Path, cfg: dict, meta: dict) -> dict:
+    """Save the reference-trained student as a toolkit model and score it with the toolkit's evaluation."""
+    from mosaic.models import save_model
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(student.eval(), folder, meta={"arch": cfg["student"]["arch"], "num_classes": meta["num_classes"],
+                                             "in_chans": 3, "image_size": meta["image_size"],
+                                             "mean": meta["mean"], "std": meta["std"]})
+    return evaluate_folder(folder, cfg)
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -185,16 +202,13 @@ def run_reference(ref, *, method: str, recipe: str, seed: int, shipped: bool, te
                   out: Path, updates: int = UPDATES) -> dict:
     """Train a student with the reference's generator loop; its top-1 by the toolkit's evaluation."""
     from mosaic.engine.schedule import lr_factor
-    from mosaic.models import create_model, load_classifier, save_model
+    from mosaic.methods import sgd
+    from mosaic.models import create_model
 
     settings = reference_settings(method, recipe)
     seed_all(seed)
-    net, meta = load_classifier(teacher_dir / "model.safetensors")
-    teacher = ReferenceView(net).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher, normalizer, meta = reference_teacher(ref, teacher_dir)
     student = create_model(cfg["student"]["arch"], num_classes=meta["num_classes"])
-    normalizer = ref.utils.Normalizer(mean=meta["mean"], std=meta["std"])
     generator = ref.reference_generator.Generator(nz=settings["nz"], ngf=NGF, img_size=meta["image_size"], nc=3)
     adversary = torch.nn.L1Loss() if settings["l1"] else ref.criterions.KLDiv()
     synth = ref.synthesis.GenerativeSynthesizer(
@@ -207,9 +221,7 @@ def run_reference(ref, *, method: str, recipe: str, seed: int, shipped: bool, te
         kd = torch.nn.L1Loss()
     else:
         kd = ref.criterions.KLDiv(T=1.0 if shipped else settings["T"])
-    s = cfg["student"]
-    opt = torch.optim.SGD(student.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
-                          nesterov=s["nesterov"])
+    opt = sgd(student.parameters(), cfg["student"])  # the toolkit's student optimizer, as its runs get
     rounds = updates // settings["kd_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda r: lr_factor(r, rounds, kind=cfg["schedule"],
                                                                       warmup=float(cfg["warmup"])))
@@ -223,12 +235,8 @@ def run_reference(ref, *, method: str, recipe: str, seed: int, shipped: bool, te
     wall = time.time() - start
     terms = reference_terms(ref, synth, teacher, settings)
     zero = [k for k in TERMS if settings[k] and abs(terms[k]) < ZERO]
-    folder = out / f"parity-{method}-{recipe}-{'shipped' if shipped else 'reference'}-s{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(student.eval(), folder, meta={"arch": cfg["student"]["arch"], "num_classes": meta["num_classes"],
-                                             "in_chans": 3, "image_size": meta["image_size"],
-                                             "mean": meta["mean"], "std": meta["std"]})
-    scores = evaluate_folder(folder, cfg)
+    scores = save_and_score(student, out / f"parity-{method}-{recipe}-{'shipped' if shipped else 'reference'}-s{seed}",
+                            cfg, meta)
     return {"student_top1": scores["student_top1"], "teacher_top1": scores["teacher_top1"], "wall_s": round(wall, 1),
             "student_updates": rounds * settings["kd_steps"], "generator_steps": rounds, "zero_terms": " ".join(zero)}
 
@@ -256,17 +264,14 @@ def run_reference_pool(ref, *, method: str, seed: int, teacher_dir: Path, cfg: d
     from torchvision import transforms as T
 
     from mosaic.engine.schedule import lr_factor
-    from mosaic.models import create_model, load_classifier, save_model
+    from mosaic.methods import sgd
+    from mosaic.models import create_model
 
     o = cfg[method]
     seed_all(seed)
-    net, meta = load_classifier(teacher_dir / "model.safetensors")
-    teacher = ReferenceView(net).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher, normalizer, meta = reference_teacher(ref, teacher_dir)
     size, classes = meta["image_size"], meta["num_classes"]
     student = create_model(cfg["student"]["arch"], num_classes=classes)
-    normalizer = ref.utils.Normalizer(mean=meta["mean"], std=meta["std"])
     transform = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(meta["mean"], meta["std"])])  # registry.py's CIFAR train transform
     folder = out / f"parity-{method}-benchmark-reference-s{seed}"
@@ -287,9 +292,7 @@ def run_reference_pool(ref, *, method: str, seed: int, teacher_dir: Path, cfg: d
                                                   reset_l0=1, reset_bn=0, bn_mmt=o["bn_momentum"],
                                                   is_maml=int(o["meta"] == "fomaml"), **common)
     kd = ref.criterions.KLDiv(T=o["temperature"])
-    s = cfg["student"]
-    opt = torch.optim.SGD(student.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
-                          nesterov=s["nesterov"])
+    opt = sgd(student.parameters(), cfg["student"])  # the toolkit's student optimizer, as its runs get
     warm, every = o["warmup"], o["synth_every"]
     total = warm + updates  # the toolkit's engine steps: warm-up syntheses, then one KD update each
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, kind=cfg["schedule"],
@@ -309,9 +312,7 @@ def run_reference_pool(ref, *, method: str, seed: int, teacher_dir: Path, cfg: d
                 sched.step()
                 done += 1
     wall = time.time() - start
-    save_model(student.eval(), folder, meta={"arch": cfg["student"]["arch"], "num_classes": classes, "in_chans": 3,
-                                             "image_size": size, "mean": meta["mean"], "std": meta["std"]})
-    scores = evaluate_folder(folder, cfg)
+    scores = save_and_score(student, folder, cfg, meta)
     return {"student_top1": scores["student_top1"], "teacher_top1": scores["teacher_top1"], "wall_s": round(wall, 1),
             "student_updates": done, "generator_steps": syntheses * o["g_steps"], "zero_terms": ""}
 
@@ -332,20 +333,16 @@ def toolkit_items(method: str, recipe: str, seed: int, *, spec: dict, teacher_di
     return items
 
 
-def run_toolkit(method: str, recipe: str, seed: int, *, spec: dict, teacher_dir: Path, out: Path,
-                updates: int = UPDATES) -> dict:
-    """Train the student with `mosaic distill`'s code; its top-1 and the non-zero-term check."""
-    from mosaic.cli import _resolve
+def run_toolkit(method: str, cfg: dict) -> dict:
+    """Train the student with `mosaic distill`'s code on the resolved `cfg`; its top-1 and the non-zero-term check."""
+    from baselines.datafree.generative import WEIGHTS
     from mosaic.engine import train
 
-    cfg = _resolve(as_overrides(toolkit_items(method, recipe, seed, spec=spec, teacher_dir=teacher_dir, out=out,
-                                              updates=updates)))
     res = train(cfg)
     o = cfg[method]
-    names = {"g_bn": "lambda_bn", "g_oh": "lambda_onehot", "g_act": "lambda_act", "g_balance": "lambda_balance",
-             "g_ie": "lambda_ie", "g_adv": "lambda_adv" if "lambda_adv" in o else None}
-    losses = res["final_losses"]
-    zero = [k for k, w in names.items() if k in losses and (w is None or o.get(w)) and abs(losses[k]) < ZERO]
+    losses = res["final_losses"]  # a term whose weight option the method lacks (ZSKT's, DFAD's g_adv) always counts
+    zero = [k for k, w in {**WEIGHTS, "g_ie": "lambda_ie"}.items()
+            if k in losses and o.get(w, 1.0) and abs(losses[k]) < ZERO]
     g_steps = res[f"{method}_syntheses"] * o["g_steps"] if method in POOL else res["steps"]
     return {"student_top1": res["student_top1"], "teacher_top1": res.get("teacher_top1"), "wall_s": res["wall_s"],
             "student_updates": res["student_updates"], "generator_steps": g_steps, "zero_terms": " ".join(zero)}
@@ -362,11 +359,9 @@ def evaluate_folder(folder: Path, cfg: dict) -> dict:
 def check_teacher(ref, teacher_dir: Path, cfg: dict) -> float:
     """The teacher's top-1 through ReferenceView and the reference's Normalizer must equal the toolkit's."""
     from mosaic.data import load_split
-    from mosaic.models import load_classifier
 
     toolkit = evaluate_folder(teacher_dir, cfg)["student_top1"]
-    net, meta = load_classifier(teacher_dir / "model.safetensors")
-    view, norm = ReferenceView(net).eval(), ref.utils.Normalizer(mean=meta["mean"], std=meta["std"])
+    view, norm, meta = reference_teacher(ref, teacher_dir)
     test = load_split(cfg, "test", image_size=meta["image_size"], channels=3)
     with torch.no_grad():
         pred = torch.cat([view(norm(test.images[i:i + 500].float() / 255)).argmax(1)  # uint8 -> [0, 1], as ToTensor
@@ -443,6 +438,19 @@ def markdown(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- main
 
+def planned(methods, recipes, seeds, implementations):
+    """(method, recipe, seed, implementation) of each run asked for that has a counterpart to compare with."""
+    for method in methods:
+        for recipe in recipes:
+            if (method in ONE_RECIPE and recipe == "paper") or reference_settings(method, recipe) is None:
+                continue  # one recipe, or settings the reference cannot express
+            for seed in seeds:
+                for impl in implementations:
+                    if not (impl == "reference-shipped" and method in POOL):  # its driver wires CMI, Fast as scripted
+                        yield method, recipe, seed, impl
+
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference", type=Path, default=HERE.parent.parent / "Fast-Datafree",
@@ -469,39 +477,24 @@ def main(argv: list[str] | None = None) -> int:
         check_teacher(ref, teacher_dir, cfg)
         if args.check:
             return 0
-        for method in args.methods:
-            for recipe in args.recipes:
-                if method in ONE_RECIPE and recipe == "paper":
-                    continue  # one recipe
-                for seed in args.seeds:
-                    for impl in args.implementations:
-                        if impl != "toolkit" and reference_settings(method, recipe) is None:
-                            continue
-                        if impl == "reference-shipped" and method in POOL:
-                            continue  # the driver wires CMI and Fast as their scripts say
-                        if impl == "toolkit" and recipe == "paper" and reference_settings(method, recipe) is None:
-                            continue  # nothing to compare it with
-                        print(f"[parity] {method} {recipe} {impl} seed {seed}", flush=True)
-                        if impl == "toolkit":
-                            res = run_toolkit(method, recipe, seed, spec=spec, teacher_dir=teacher_dir, out=args.out,
-                                              updates=args.updates)
-                        else:
-                            cfg_m = _resolve(as_overrides(toolkit_items(method, recipe, seed, spec=spec,
-                                                                        teacher_dir=teacher_dir, out=args.out,
-                                                                        updates=args.updates)))
-                            if method in POOL:
-                                res = run_reference_pool(ref, method=method, seed=seed, teacher_dir=teacher_dir,
-                                                         cfg=cfg_m, out=args.out, updates=args.updates)
-                            else:
-                                res = run_reference(ref, method=method, recipe=recipe, seed=seed,
-                                                    shipped=impl == "reference-shipped", teacher_dir=teacher_dir,
-                                                    cfg=cfg_m, out=args.out, updates=args.updates)
-                        row = {"method": method, "recipe": recipe, "implementation": impl, "seed": seed, **res}
-                        print(f"[parity] -> {row}", flush=True)
-                        if impl != "reference-shipped" and res["zero_terms"]:
-                            raise ParityError(f"{method} {recipe} {impl}: generator terms {res['zero_terms']} "
-                                              f"have a weight but are zero, so the run is no evidence")
-                        write_results([row], args.results)
+        for method, recipe, seed, impl in planned(args.methods, args.recipes, args.seeds, args.implementations):
+            print(f"[parity] {method} {recipe} {impl} seed {seed}", flush=True)
+            cfg_m = _resolve(as_overrides(toolkit_items(method, recipe, seed, spec=spec, teacher_dir=teacher_dir,
+                                                        out=args.out, updates=args.updates)))
+            if impl == "toolkit":
+                res = run_toolkit(method, cfg_m)
+            elif method in POOL:
+                res = run_reference_pool(ref, method=method, seed=seed, teacher_dir=teacher_dir, cfg=cfg_m,
+                                         out=args.out, updates=args.updates)
+            else:
+                res = run_reference(ref, method=method, recipe=recipe, seed=seed, shipped=impl == "reference-shipped",
+                                    teacher_dir=teacher_dir, cfg=cfg_m, out=args.out, updates=args.updates)
+            row = {"method": method, "recipe": recipe, "implementation": impl, "seed": seed, **res}
+            print(f"[parity] -> {row}", flush=True)
+            if impl != "reference-shipped" and res["zero_terms"]:
+                raise ParityError(f"{method} {recipe} {impl}: generator terms {res['zero_terms']} "
+                                  f"have a weight but are zero, so the run is no evidence")
+            write_results([row], args.results)
     except ParityError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -99,3 +99,11 @@ def test_cpu_only_shim_is_undone():
         if not torch.cuda.is_available():
             assert x.cuda() is x and torch.nn.Linear(2, 2).cuda().weight.device.type == "cpu"
     assert (torch.Tensor.cuda, torch.nn.Module.cuda) == before
+
+
+def test_planned_runs_skip_what_has_no_counterpart():
+    runs = list(parity.planned(parity.METHODS, ["benchmark", "paper"], [0], parity.IMPLEMENTATIONS))
+    assert ("dfad", "paper", 0, "toolkit") not in runs and ("dfq", "paper", 0, "reference") not in runs
+    assert ("cmi", "benchmark", 0, "reference-shipped") not in runs and ("fast", "paper", 0, "toolkit") not in runs
+    assert ("zskt", "paper", 0, "reference-shipped") in runs and ("fast", "benchmark", 0, "reference") in runs
+    assert len(runs) == 4 * 3 + 2 * 3 + 2 * 2  # four generator methods at benchmark, DAFL/ZSKT at paper, CMI/Fast
