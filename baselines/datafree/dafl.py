@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.datafree.common import logits_and_features, make_student_opt
+from baselines.datafree.common import logits_and_features
 from baselines.datafree.generative import GenerativeSynthesis, benchmark
 from mosaic.losses import activation_loss, balance_loss, kd_loss, onehot_loss
-from mosaic.methods import Context, register_method
+from mosaic.methods import register_method
 
 
 @register_method("dafl")
@@ -60,11 +60,6 @@ class DAFL(GenerativeSynthesis):
         temperature=20.0,        # --T 20
     )}
     needs = {}                   # data-free: no data stream
-
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        if not self.uses_benchmark_loop():
-            self.student_opt = make_student_opt(self.student.parameters(), self.opts, ctx, self.name)
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
         """The three generator terms (unweighted) and the teacher logits, for generator outputs."""

@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.datafree.common import check_positive, make_student_opt
 from baselines.datafree.generative import GenerativeSynthesis, benchmark
 from mosaic.losses import logit_l1
-from mosaic.methods import Context, no_param_grad, register_method
+from mosaic.methods import no_param_grad, register_method
 
 
 @register_method("dfad")
@@ -40,12 +39,6 @@ class DFAD(GenerativeSynthesis):
         temperature=1.0,         # --T 1 (unused by the L1 loss)
     )}
     needs = {}                   # data-free: no data stream
-
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        if not self.uses_benchmark_loop():
-            check_positive(self.name, self.opts, "student_steps")
-            self.student_opt = make_student_opt(self.student.parameters(), self.opts, ctx, self.name)
 
     def generator_losses(self, fake: Tensor) -> dict[str, Tensor]:
         """The adversarial term -L1(S(x), T(x)) on generator outputs."""

@@ -24,6 +24,7 @@ from an untrained generator), and it replaces the `--T 20` KD criterion by a T=1
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -73,14 +74,18 @@ class GenerativeSynthesis(GeneratorMethod):
     """Base of the methods that can run the benchmark loop: `generative_step` (module docstring).
 
     A subclass sets the five weights, `adversary`, `student_loss`, `student_steps` and `temperature` in
-    the defaults of the recipe that uses the loop; `uses_benchmark_loop()` says whether this run does.
+    the defaults of the recipe that uses the loop; `uses_benchmark_loop()` says whether this run does. Every
+    recipe gets the student optimizer (`student_optimizer`, the config's SGD by default) and, where the
+    recipe has `student_steps`, its check.
     """
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        if self.uses_benchmark_loop():
-            o = self.opts
+        o = self.opts
+        if "student_steps" in o:
             check_positive(self.name, o, "student_steps")
+        self.student_opt = make_student_opt(self.student.parameters(), o, ctx, self.name)  # every recipe's
+        if self.uses_benchmark_loop():
             for key in ("adversary", "student_loss"):
                 require(o[key] in DISTANCES, f"{self.name}.{key} must be one of {', '.join(DISTANCES)}, "
                                              f"got {o[key]!r}")
@@ -89,7 +94,6 @@ class GenerativeSynthesis(GeneratorMethod):
             require(any(o[k] for k in WEIGHTS.values()),
                     f"{self.name}: every generator weight is 0, so the generator never learns: set one of "
                     f"{', '.join(WEIGHTS.values())}")
-            self.student_opt = make_student_opt(self.student.parameters(), o, ctx, self.name)
             self.bn_hooks = BNStatHooks(ctx.teacher) if o["lambda_bn"] else None
 
     def uses_benchmark_loop(self) -> bool:
@@ -112,18 +116,14 @@ class GenerativeSynthesis(GeneratorMethod):
         """The generator terms with a non-zero weight (unweighted) for generator outputs; student in eval mode."""
         o = self.opts
         x = self.to_classifier(fake)
-        hooks = self.bn_hooks.attach() if self.bn_hooks is not None else None
-        try:
+        with self.bn_hooks or contextlib.nullcontext():
             if o["lambda_act"]:
                 t_logits, t_feat = logits_and_features(self.teacher, x)
             else:
                 t_logits = self.teacher(x)
-        finally:
-            if hooks is not None:
-                hooks.remove()
         terms = {}
-        if hooks is not None:
-            terms["g_bn"] = hooks.loss()
+        if self.bn_hooks is not None:
+            terms["g_bn"] = self.bn_hooks.loss()
         if o["lambda_onehot"]:
             terms["g_oh"] = onehot_loss(t_logits)
         if o["lambda_act"]:

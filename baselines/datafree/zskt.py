@@ -22,7 +22,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from baselines.datafree.common import check_positive, make_student_opt, require
+from baselines.datafree.common import require
 from baselines.datafree.generative import GenerativeSynthesis, benchmark
 from mosaic.losses import at_pair_loss, kd_loss
 from mosaic.methods import Context, no_param_grad, register_method
@@ -80,8 +80,6 @@ class ZSKT(GenerativeSynthesis):
         if self.uses_benchmark_loop():
             return
         o = self.opts
-        check_positive(self.name, o, "student_steps")
-        self.student_opt = make_student_opt(self.student.parameters(), o, ctx, self.name)
         pairs = o["at_layers"] if o["at_layers"] is not None else pair_layers(ctx.teacher, ctx.student)
         require(all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs),
                 f"zskt.at_layers must be a list of [teacher_layer, student_layer] pairs, got {pairs!r}")
