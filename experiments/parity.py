@@ -1,13 +1,14 @@
-"""Side by side with the public reference: DAFL, ZSKT, DFAD, DFQ, CMI and Fast in zju-vipa/Fast-Datafree and here.
+"""Side by side with the public reference: DAFL, ZSKT, DFAD, DFQ, DeepInversion, CMI and Fast in Fast-Datafree and here.
 
 Both sides get the same teacher, student architecture, generator width, normalisation, student optimiser and
 schedule, student budget and evaluation (the full test set through `mosaic evaluate`'s code), at `cpu-small`'s
 scale: the cnn_small teacher (trained by the cpu-small suite if its folder is missing), a cnn_tiny student,
 1,000 student updates of 64 images. The reference's own classes do the generator's work (its `Generator`,
-`GenerativeSynthesizer`, `CMISynthesizer`, `FastMetaSynthesizer`, `Normalizer` and `KLDiv`) and the KD loop
-mirrors its `datafree_kd.train`; nothing of it is copied here: it is imported from the folder you fetched. CMI
-and Fast run at cpu-small's synthesis rate (CMI one batch of 64 every 125 KD steps, Fast 20 warm-up syntheses
-then one every 25), their pools written as PNGs and read back through the reference's CIFAR train transform, as
+`GenerativeSynthesizer`, `DeepInvSyntheiszer`, `CMISynthesizer`, `FastMetaSynthesizer`, `Normalizer` and
+`KLDiv`) and the KD loop mirrors its `datafree_kd.train`; nothing of it is copied here: it is imported from the
+folder you fetched. DeepInversion (`recipe=benchmark`), CMI and Fast run at cpu-small's synthesis rate
+(CMI one batch of 64 every 125 KD steps, Fast 20 warm-up syntheses then one every 25, DeepInversion one every 250
+with 200 Adam steps on the pixels instead of the script's 1,000, for time), their pools written as PNGs and read back through the reference's CIFAR train transform, as
 its driver does; its CUDA-only calls (`Generator.clone`, the FOMAML gradient) are made no-ops on a CPU.
 
     git clone https://github.com/zju-vipa/Fast-Datafree ../Fast-Datafree
@@ -23,7 +24,8 @@ datafree_kd.py wires these four methods: the synthesiser's "student" is the teac
 adversarial term, and KD runs at T=1, or L1 for DFAD). Recipes: `benchmark` (the scripts' ratio, weights and
 temperature, all four methods) and `paper` where the reference's options can express the original code's
 ratio, weights and temperature (DAFL, ZSKT; DFAD's paper settings are the benchmark's on the reference side;
-DFQ, CMI and Fast have one recipe, `benchmark`; CMI and Fast have no `reference-shipped`: the driver wires them
+DFQ, CMI and Fast have one recipe, `benchmark`; DeepInversion's `paper` recipe is the official code's two
+phases, which the reference does not run; the pool methods have no `reference-shipped`: the driver wires them
 as their scripts say). What the reference cannot express stays as the reference does it: its sigmoid generator,
 fresh images for every KD step, an SGD student without ZSKT's attention term.
 
@@ -54,8 +56,8 @@ sys.path.insert(0, str(HERE))
 from suite import as_overrides, ensure_teacher, load_spec, mean_std, suite_data  # noqa: E402
 
 GENERATIVE = ("dafl", "zskt", "dfad", "dfq")  # the reference's GenerativeSynthesizer loop
-POOL = ("cmi", "fast")                         # synthesised pools (CMISynthesizer, FastMetaSynthesizer)
-ONE_RECIPE = ("dfq", *POOL)                    # methods whose defaults are the benchmark scripts'
+POOL = ("deepinversion", "cmi", "fast")        # synthesised pools (DeepInvSyntheiszer, CMISynthesizer, FastMeta...)
+ONE_RECIPE = ("dfq", "cmi", "fast")            # methods whose defaults are the benchmark scripts'
 METHODS = (*GENERATIVE, *POOL)
 IMPLEMENTATIONS = ("toolkit", "reference", "reference-shipped")
 COLUMNS = ["method", "recipe", "implementation", "seed", "student_top1", "teacher_top1", "wall_s",
@@ -106,11 +108,13 @@ def toolkit_steps(method: str, recipe: str, updates: int) -> int:
     """Engine steps giving `updates` student updates (DAFL's paper recipe: one per step; pools: plus warm-up)."""
     o = toolkit_recipe(method, recipe)
     if method in POOL:
-        return updates + POOL_RATES[method].get("warmup", o["warmup"])
+        return updates + POOL_RATES[method].get("warmup", o.get("warmup", 0))
     return updates // o.get("student_steps", 1)
 
 
-POOL_RATES = {"cmi": {"synth_every": 125}, "fast": {"synth_every": 25, "warmup": 20}}  # cpu-small's rows
+POOL_RATES = {"cmi": {"synth_every": 125}, "fast": {"synth_every": 25, "warmup": 20},  # cpu-small's rows
+              # DeepInversion: 4 batches of 200 pixel steps (1,000 would take ~40 min a run on 2 cores), pool keeps all
+              "deepinversion": {"synth_every": 250, "pool_size": 256, "di_iters": 200}}
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -258,7 +262,7 @@ def cpu_only():
 
 def run_reference_pool(ref, *, method: str, seed: int, teacher_dir: Path, cfg: dict, out: Path,
                        updates: int = UPDATES) -> dict:
-    """CMI or Fast through the reference's synthesiser and pool, at the toolkit run's resolved options."""
+    """DeepInversion, CMI or Fast through the reference's synthesiser and pool, at the toolkit run's options."""
     import shutil
 
     from torchvision import transforms as T
@@ -277,23 +281,31 @@ def run_reference_pool(ref, *, method: str, seed: int, teacher_dir: Path, cfg: d
     folder = out / f"parity-{method}-benchmark-reference-s{seed}"
     pool_dir = folder / "pool"
     shutil.rmtree(pool_dir, ignore_errors=True)  # the reference reads every image in its folder
-    generator = ref.reference_generator.Generator(nz=o["nz"], ngf=o["ngf"], img_size=size, nc=3)
-    common = dict(nz=o["nz"], num_classes=classes, img_size=(3, size, size), init_dataset=None,
-                  iterations=o["g_steps"], lr_g=o["lr_g"], synthesis_batch_size=BATCH, sample_batch_size=BATCH,
-                  adv=o["lambda_adv"], bn=o["lambda_bn"], oh=o["lambda_oh"], save_dir=str(pool_dir),
-                  transform=transform, normalizer=normalizer, device="cpu")
+    iterations = o["di_iters"] if method == "deepinversion" else o["g_steps"]
+    if method == "deepinversion":  # datafree_kd.py's call: no TV or L2 prior
+        synth = ref.synthesis.DeepInvSyntheiszer(
+            teacher, student, classes, (3, size, size), iterations=iterations, lr_g=o["lr"],
+            synthesis_batch_size=BATCH, sample_batch_size=BATCH, adv=o["competition"], bn=o["lambda_bn"],
+            oh=o["lambda_ce"], tv=0.0, l2=0.0, save_dir=str(pool_dir), transform=transform, normalizer=normalizer,
+            device="cpu")
+    else:
+        generator = ref.reference_generator.Generator(nz=o["nz"], ngf=o["ngf"], img_size=size, nc=3)
+        common = dict(nz=o["nz"], num_classes=classes, img_size=(3, size, size), init_dataset=None,
+                      iterations=iterations, lr_g=o["lr_g"], synthesis_batch_size=BATCH, sample_batch_size=BATCH,
+                      adv=o["lambda_adv"], bn=o["lambda_bn"], oh=o["lambda_oh"], save_dir=str(pool_dir),
+                      transform=transform, normalizer=normalizer, device="cpu")
     if method == "cmi":
         synth = ref.synthesis.CMISynthesizer(teacher, student, generator, feature_reuse=False, feature_layers=None,
                                              bank_size=o["bank_size"], n_neg=o["n_neg"], head_dim=o["head_dim"],
                                              progressive_scale=False, cr=o["lambda_cr"], cr_T=o["cr_temperature"],
                                              **common)
-    else:
+    elif method == "fast":
         synth = ref.synthesis.FastMetaSynthesizer(teacher, student, generator, lr_z=o["lr_z"], warmup=o["warmup"],
                                                   reset_l0=1, reset_bn=0, bn_mmt=o["bn_momentum"],
                                                   is_maml=int(o["meta"] == "fomaml"), **common)
     kd = ref.criterions.KLDiv(T=o["temperature"])
     opt = sgd(student.parameters(), cfg["student"])  # the toolkit's student optimizer, as its runs get
-    warm, every = o["warmup"], o["synth_every"]
+    warm, every = o.get("warmup", 0), o["synth_every"]
     total = warm + updates  # the toolkit's engine steps: warm-up syntheses, then one KD update each
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, kind=cfg["schedule"],
                                                                       warmup=float(cfg["warmup"])))
@@ -314,7 +326,7 @@ def run_reference_pool(ref, *, method: str, seed: int, teacher_dir: Path, cfg: d
     wall = time.time() - start
     scores = save_and_score(student, folder, cfg, meta)
     return {"student_top1": scores["student_top1"], "teacher_top1": scores["teacher_top1"], "wall_s": round(wall, 1),
-            "student_updates": done, "generator_steps": syntheses * o["g_steps"], "zero_terms": ""}
+            "student_updates": done, "generator_steps": syntheses * iterations, "zero_terms": ""}
 
 
 # ----------------------------------------------------------------------------- the toolkit
@@ -323,10 +335,12 @@ def toolkit_items(method: str, recipe: str, seed: int, *, spec: dict, teacher_di
                   updates: int = UPDATES) -> dict:
     """The `mosaic distill` overrides of a toolkit run: cpu-small's common section, the method at `recipe`."""
     items = {**suite_data(spec), **spec.get("common", {}), "method": method, "seed": seed,
-             "steps": toolkit_steps(method, recipe, updates), f"{method}.ngf": NGF,
+             "steps": toolkit_steps(method, recipe, updates),
              "teacher": str(teacher_dir / "model.safetensors"), "out_dir": str(out),
              "name": f"parity-{method}-{recipe}-toolkit-s{seed}", "overwrite": True, "ckpt_every": 0,
              "eval_every": 0}  # one evaluation at the end, as the reference side
+    if "ngf" in toolkit_recipe(method, recipe):  # DeepInversion optimises pixels: no generator
+        items[f"{method}.ngf"] = NGF
     if method not in ONE_RECIPE:
         items[f"{method}.recipe"] = recipe
     items.update({f"{method}.{k}": v for k, v in POOL_RATES.get(method, {}).items()})
@@ -343,7 +357,10 @@ def run_toolkit(method: str, cfg: dict) -> dict:
     losses = res["final_losses"]  # a term whose weight option the method lacks (ZSKT's, DFAD's g_adv) always counts
     zero = [k for k, w in {**WEIGHTS, "g_ie": "lambda_ie"}.items()
             if k in losses and o.get(w, 1.0) and abs(losses[k]) < ZERO]
-    g_steps = res[f"{method}_syntheses"] * o["g_steps"] if method in POOL else res["steps"]
+    if method == "deepinversion":
+        g_steps = res["di_syntheses"] * o["di_iters"]
+    else:
+        g_steps = res[f"{method}_syntheses"] * o["g_steps"] if method in POOL else res["steps"]
     return {"student_top1": res["student_top1"], "teacher_top1": res.get("teacher_top1"), "wall_s": res["wall_s"],
             "student_updates": res["student_updates"], "generator_steps": g_steps, "zero_terms": " ".join(zero)}
 

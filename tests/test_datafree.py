@@ -257,6 +257,66 @@ def test_deepinversion_bad_options_are_clear_errors():
         make("dfad", student_steps=0, **SMALL)
 
 
+def test_deepinversion_benchmark_recipe_is_fast_datafrees_deepinv():
+    d = method_defaults("deepinversion", "benchmark")
+    assert d["recipe"] == "benchmark" and d["synth_every"] == 400 and d["di_iters"] == 1000 and d["lr"] == 0.1
+    assert d["betas"] == [0.5, 0.99] and d["lambda_bn"] == 10.0 and d["competition"] == 1.0
+    assert d["tv_l2"] == d["l2"] == 0.0 and d["student_bn"] == -0.001 and d["competition_form"] == "clamped"
+    assert d["targets"] == "random" and d["temperature"] == 20.0
+    assert inversion_settings(32, recipe="benchmark") == {"jitter": 4, "flip": True, "first_bn_multiplier": 1.0}
+    assert method_defaults("deepinversion")["synth_every"] is None  # the paper recipe: the pool first
+
+
+def test_deepinversion_benchmark_objective_subtracts_the_students_bn_term():
+    m = make("deepinversion", recipe="benchmark", pool_size=8)
+    assert (m.jitter, m.flip) == (2, True)  # 1/8 of the 16 px side
+    student_stats = copy.deepcopy(m.student.state_dict())
+    v = torch.randn(B, 3, SIZE, SIZE, requires_grad=True)
+    terms = m.synthesis_losses(v, torch.arange(B) % CLASSES)
+    assert terms["bn_student"].item() > 0 and terms["comp"].item() < 0
+    expected = terms["ce"] + 10.0 * (terms["bn"] - 0.001 * terms["bn_student"]) + terms["comp"]
+    assert m.weighted(terms).item() == approx(expected.item())
+    with BNStatHooks(m.student) as hooks:  # the student's distances through a fresh hook, in eval mode
+        m.student.eval()
+        m.student(v)
+        assert hooks.loss().item() == approx(terms["bn_student"].item())
+    m.student.train()
+    m.weighted(terms).backward()
+    assert v.grad.abs().sum() > 0 and all(p.grad is None for p in m.student.parameters())
+    m.synthesize(B)
+    assert all(torch.equal(t, m.student.state_dict()[k]) for k, t in student_stats.items())  # BN stats untouched
+    assert all(len(x._forward_hooks) == 0 for x in m.student.modules())
+
+
+def test_deepinversion_interleaved_synthesis_every_n_kd_steps_into_a_fifo_pool():
+    m = make("deepinversion", recipe="benchmark", pool_size=8, synth_every=3, di_iters=1)
+    assert m.kd_updates() == 10  # every engine step is a KD step
+    first = m.step({}, 0)
+    assert "loss_s" in first and "di_loss" in first and m.filled == B
+    assert set(m.step({}, 1)) == {"loss_s"} and set(m.step({}, 2)) == {"loss_s"}
+    assert "di_loss" in m.step({}, 3) and m.filled == 2 * B
+    m.step({}, 6)
+    assert m.filled == 8 and m.pool.added == 3 * B  # FIFO: the oldest batch replaced
+    assert m.results()["di_syntheses"] == 3 and m.results()["di_synthesis_steps"] == 0
+    with pytest.raises(ConfigError, match="synth_batch 4 exceeds"):
+        make("deepinversion", recipe="benchmark", pool_size=2)
+    with pytest.raises(ConfigError, match="competition_form"):
+        make("deepinversion", pool_size=8, competition_form="js")
+    with pytest.raises(ConfigError, match="targets"):
+        make("deepinversion", pool_size=8, targets="sorted")
+
+
+def test_deepinversion_random_targets_are_uniform_draws():
+    m = make("deepinversion", pool_size=8, targets="random", di_iters=1)
+    seen = []
+    real = m.synthesis_losses
+    m.synthesis_losses = lambda x, targets: seen.append(targets.clone()) or real(x, targets)
+    torch.manual_seed(5)
+    m.synthesize(B)
+    torch.manual_seed(5)
+    assert torch.equal(seen[0], torch.randint(0, CLASSES, (B,)))
+
+
 # ----------------------------------------------------------------------------- through the engine
 
 ENGINE_OPTS = {

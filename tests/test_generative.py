@@ -159,8 +159,11 @@ def test_every_shipped_config_resolves(path):
     cfg = resolve(yaml_path=path, method_defaults=method_defaults)
     if "_benchmark_" in path.stem:  # the benchmark table's protocol: 80,000 KD steps of 256 in all
         o = cfg[cfg["method"]]
-        assert o.get("recipe", "benchmark") == "benchmark" and o["width"] == 2
-        assert cfg["steps"] * o["student_steps"] == 80_000 and cfg["batch_size"] == 256
+        assert o.get("recipe", "benchmark") == "benchmark" and cfg["batch_size"] == 256
+        if cfg["method"] == "deepinversion":  # every step a KD step, one batch of 256 before every 400
+            assert cfg["steps"] == 80_000 and o["synth_every"] == 400 and o["pool_size"] == 200 * 256
+        else:
+            assert o["width"] == 2 and cfg["steps"] * o["student_steps"] == 80_000
 
 
 def test_benchmark_generator_lr_is_constant_and_the_students_follows_the_run():

@@ -6,8 +6,8 @@ import math
 import torch
 
 from hand import approx, dot, kl, softmax, tensor
-from mosaic.losses import (activation_loss, batch_stats, bn_stat_distance, bn_stat_loss, competition_loss, image_l2,
-                           onehot_loss, total_variation_l1, total_variation_l2)
+from mosaic.losses import (activation_loss, batch_stats, bn_stat_distance, bn_stat_loss, clamped_js_competition,
+                           competition_loss, image_l2, onehot_loss, total_variation_l1, total_variation_l2)
 
 
 # ----------------------------------------------------------------------------- teacher-side priors (DAFL, DFQ)
@@ -33,6 +33,30 @@ def test_competition_loss_is_one_minus_js():
     js = 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + 0.5 * sum(qi * math.log(qi / mi) for qi, mi in zip(q, m))
     assert competition_loss(b, a, temperature=1.0).item() == approx(1 - js)
     assert competition_loss(a, a).item() == approx(1.0)
+
+
+def test_clamped_js_competition_is_minus_fast_datafrees_jsdiv():
+    # no probability clamped: minus (KL(M || P) + KL(M || Q)) / 2, M first (F.kl_div(log P, M))
+    s, t = torch.tensor([[math.log(3.0), 0.0]]), torch.tensor([[0.0, 0.0]])
+    p, q, m = [0.75, 0.25], [0.5, 0.5], [0.625, 0.375]
+    assert clamped_js_competition(s, t, temperature=1.0).item() == approx(-(kl(m, p) + kl(m, q)) / 2)
+    # the student's 0.99995 / 0.00005 clamps to 0.99 / 0.01 after M is formed from the raw probabilities
+    s2 = torch.tensor([[10.0, 0.0]])
+    p_raw = softmax([10.0, 0.0])
+    m2 = [(a + b) / 2 for a, b in zip(p_raw, q)]
+    p2 = [min(max(v, 0.01), 0.99) for v in p_raw]
+    expected = -(kl(m2, p2) + kl(m2, q)) / 2
+    assert clamped_js_competition(s2, t, temperature=1.0).item() == approx(expected)
+    # batch mean over the two rows, temperature divides the logits
+    both = clamped_js_competition(torch.cat([s * 3, s2 * 3]), torch.cat([t, t]), temperature=3.0).item()
+    assert both == approx((-(kl(m, p) + kl(m, q)) / 2 + expected) / 2)
+    # a clamped student probability passes no gradient through log P, only through M
+    s2.requires_grad_(True)
+    clamped_js_competition(s2, t, temperature=1.0).backward()
+    dm = [0.5 * (math.log(mi / pi) + 1) + 0.5 * (math.log(mi / qi) + 1) for mi, pi, qi in zip(m2, p2, q)]
+    dp = [0.5 * v for v in dm]  # dM / dP = 1/2; then through the softmax
+    grad0 = p_raw[0] * (dp[0] - sum(pi * gi for pi, gi in zip(p_raw, dp)))
+    assert s2.grad[0, 0].item() == approx(-grad0)
 
 
 # ----------------------------------------------------------------------------- BatchNorm statistics (DFQ, DeepInversion)

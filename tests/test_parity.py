@@ -90,6 +90,13 @@ def test_pool_methods_take_cpu_smalls_synthesis_rate_and_one_recipe():
     assert parity.toolkit_steps("fast", "benchmark", 1000) == 1020  # 20 synthesis-only warm-up steps first
     assert parity.toolkit_steps("cmi", "benchmark", 1000) == 1000
     assert parity.reference_settings("cmi", "benchmark") == {} and parity.reference_settings("fast", "paper") is None
+    # DeepInversion: the benchmark recipe (the reference has no two-phase run), no generator, every step a KD step
+    assert parity.toolkit_steps("deepinversion", "benchmark", 1000) == 1000
+    assert parity.reference_settings("deepinversion", "paper") is None
+    items = parity.toolkit_items("deepinversion", "benchmark", 1, spec={}, teacher_dir=Path("t"), out=Path("o"))
+    assert items["deepinversion.recipe"] == "benchmark" and "deepinversion.ngf" not in items
+    assert items["deepinversion.synth_every"] == 250 and items["deepinversion.di_iters"] == 200
+    assert items["deepinversion.pool_size"] == 1000 // 250 * parity.BATCH  # the pool keeps every batch
 
 
 def test_cpu_only_shim_is_undone():
@@ -106,4 +113,6 @@ def test_planned_runs_skip_what_has_no_counterpart():
     assert ("dfad", "paper", 0, "toolkit") not in runs and ("dfq", "paper", 0, "reference") not in runs
     assert ("cmi", "benchmark", 0, "reference-shipped") not in runs and ("fast", "paper", 0, "toolkit") not in runs
     assert ("zskt", "paper", 0, "reference-shipped") in runs and ("fast", "benchmark", 0, "reference") in runs
-    assert len(runs) == 4 * 3 + 2 * 3 + 2 * 2  # four generator methods at benchmark, DAFL/ZSKT at paper, CMI/Fast
+    assert ("deepinversion", "paper", 0, "toolkit") not in runs
+    assert ("deepinversion", "benchmark", 0, "reference-shipped") not in runs
+    assert len(runs) == 4 * 3 + 2 * 3 + 3 * 2  # generator methods at benchmark, DAFL/ZSKT at paper, DI/CMI/Fast

@@ -217,6 +217,7 @@ LOSSES = {  # name: (function, positional tensors, keyword options)
     "onehot_loss": (L.onehot_loss, [logits()], {}),
     "activation_loss": (L.activation_loss, [fmap(8, 16)], {}),
     "competition_loss": (L.competition_loss, [logits(), logits(seed=1)], {}),
+    "clamped_js_competition": (L.clamped_js_competition, [logits(), logits(seed=1)], {}),
     "masked_adversarial_kl": (L.masked_adversarial_kl, [logits(), logits(seed=1)], {}),
     "bn_stat_distance": (L.bn_stat_distance, [fmap(6), fmap(6, seed=1), fmap(6, seed=2), fmap(6, seed=3)], {}),
     "total_variation_l2": (L.total_variation_l2, [fmap(2, 3, 8, 8)], {}),

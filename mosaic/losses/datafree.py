@@ -43,6 +43,24 @@ def competition_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperat
 
 
 @in_fp32
+def clamped_js_competition(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 3.0,
+                           clamp: float = 0.01) -> Tensor:
+    """Fast-Datafree's DeepInv adversary, -jsdiv(s, t, T): minus 0.5 KL(M || P) - 0.5 KL(M || Q), clamped.
+
+    P = softmax(s/T), Q = softmax(t/T), M = (P + Q) / 2, each clamped to [clamp, 1 - clamp] after M is
+    formed (so a clamped probability passes no gradient); the KLs put M first, as `F.kl_div(log P, M)`
+    does, and average over the batch. Low where student and teacher disagree.
+    """
+    p = F.softmax(student_logits.float() / temperature, dim=1)
+    q = F.softmax(teacher_logits.float() / temperature, dim=1)
+    m = 0.5 * (p + q)
+    p, q, m = (v.clamp(clamp, 1 - clamp) for v in (p, q, m))
+    log_m = m.log()
+    divergence = 0.5 * (m * (log_m - p.log())).sum(dim=1) + 0.5 * (m * (log_m - q.log())).sum(dim=1)
+    return -divergence.mean()
+
+
+@in_fp32
 def masked_adversarial_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """-mean_i [argmax s_i == argmax t_i] KL(p_t,i || p_s,i): CMI / Fast's decision-adversarial synthesis term.
 
