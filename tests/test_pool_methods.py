@@ -248,6 +248,20 @@ def test_pool_method_resumes_to_identical_weights(method_cls, tiny_task, tiny_te
     assert (tmp_path / "full" / "results.json").exists() and (tmp_path / "full" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("name, first", [("fast", 3), ("cmi", 4), ("nayer", 4)])
+def test_adversarial_term_starts_where_each_reference_starts_it(name, first, monkeypatch):
+    """warmup 4: Fast-Datafree's FastMetaSynthesizer (ep += 1, then adv if ep >= warmup) is adversarial from its
+    4th synthesis on (index 3); NAYER's synthesizer (ep += 1, then adv if ep > warmup) from its 5th; CMI's from its
+    first after the warm-up steps, as the toolkit's loop starts KD."""
+    m = make(name, warmup=4, **SMALL)
+    seen = []
+    monkeypatch.setattr(m, "synthesize", lambda *, adversarial: seen.append(adversarial) or {})
+    monkeypatch.setattr(m, "kd_step", lambda: {})
+    for step in range(7):
+        m.step({}, step)
+    assert seen.index(True) == first and all(seen[first:]) and not any(seen[:first])
+
+
 def test_pool_methods_count_their_student_budget():
     """student updates = KD steps (steps 10 here), each on batch_size pool images."""
     di = make("deepinversion", pool_size=6, synth_batch=4, di_iters=1)  # 2 synthesis steps, then 8 KD steps

@@ -18,7 +18,8 @@ synthesis from its last iteration). The lowest-loss iterate goes to the image po
     meta=reptile  Reptile: G_0 <- G_0 + lr_meta * (G - G_0)
 
 The student learns KD at temperature T on augmented pool batches; `warmup` synthesis-only
-steps come first (see InterleavedSynthesis). Not ported: the reference's `reset_l0` (a
+steps come first (see InterleavedSynthesis), the last of them already adversarial: the reference counts
+a synthesis before testing `ep >= warmup`, so its adversary starts at synthesis number `warmup`. Not ported: the reference's `reset_l0` (a
 re-initialisation of G_0's first layer at epoch 120 + warmup, whose module test is always true).
 """
 from __future__ import annotations
@@ -192,6 +193,10 @@ class Fast(MomentumSynthesis):
             return
         for p, q in zip(self.generator.parameters(), fast.parameters()):
             p.add_(q - p, alpha=self.opts["lr_meta"])
+
+    def adversarial_due(self) -> bool:
+        """From synthesis number `warmup` (1-based) on: FastMetaSynthesizer's `ep += 1` precedes `ep >= warmup`."""
+        return self.syntheses + 1 >= self.opts["warmup"]
 
     def synthesize(self, *, adversarial: bool = True) -> dict[str, Tensor]:
         """Adapt a copy of G_0 for g_steps, add its lowest-loss images to the pool, update the BN average and G_0."""

@@ -234,10 +234,14 @@ class InterleavedSynthesis(PoolDistillation):
         """Make one batch, add it to the pool and return the synthesis terms (subclasses)."""
         raise NotImplementedError
 
+    def adversarial_due(self) -> bool:
+        """Whether the next synthesis has its adversarial term: from the first one after the warm-up."""
+        return self.syntheses >= self.opts["warmup"]
+
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         if self.synthesis_due(step):
-            losses = self.synthesize(adversarial=self.syntheses >= self.opts["warmup"])
+            losses = self.synthesize(adversarial=self.adversarial_due())
             self.syntheses += 1
         if step >= self.opts["warmup"]:
             losses.update(self.kd_step())
