@@ -190,16 +190,25 @@ def kd_update(student: nn.Module, teacher: nn.Module, images: torch.Tensor, kd: 
 
 
 def reference_terms(ref, synth, teacher, settings: dict) -> dict[str, float]:
-    """Each weighted generator term of the reference's objective on a fresh batch, as its synthesize() computes it."""
-    with torch.no_grad():
-        z = torch.randn(BATCH, settings["nz"])
-        x = synth.normalizer(synth.generator(z))
-        t_out, t_feat = teacher(x, return_features=True)
-        p = F.softmax(t_out, dim=1).mean(0)
-        s_out = synth.student(x)
-        adv = -(synth.criterion(s_out, t_out))
-        return {"bn": float(sum(h.r_feature for h in synth.hooks)), "oh": F.cross_entropy(t_out, t_out.argmax(1)).item(),
-                "act": -t_feat.abs().mean().item(), "balance": (p * p.log()).sum().item(), "adv": float(adv)}
+    """Each weighted generator term of the reference's objective on a fresh batch, as its synthesize() computes it.
+
+    The student runs in eval mode, as in synthesize(): a train-mode forward would move the BatchNorm statistics
+    of the student about to be scored (by up to a point of top-1 at cpu-small).
+    """
+    was_training = synth.student.training
+    synth.student.eval()
+    try:
+        with torch.no_grad():
+            z = torch.randn(BATCH, settings["nz"])
+            x = synth.normalizer(synth.generator(z))
+            t_out, t_feat = teacher(x, return_features=True)
+            p = F.softmax(t_out, dim=1).mean(0)
+            s_out = synth.student(x)
+            adv = -(synth.criterion(s_out, t_out))
+    finally:
+        synth.student.train(was_training)
+    return {"bn": float(sum(h.r_feature for h in synth.hooks)), "oh": F.cross_entropy(t_out, t_out.argmax(1)).item(),
+            "act": -t_feat.abs().mean().item(), "balance": (p * p.log()).sum().item(), "adv": float(adv)}
 
 
 def run_reference(ref, *, method: str, recipe: str, seed: int, shipped: bool, teacher_dir: Path, cfg: dict,

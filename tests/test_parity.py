@@ -116,3 +116,25 @@ def test_planned_runs_skip_what_has_no_counterpart():
     assert ("deepinversion", "paper", 0, "toolkit") not in runs
     assert ("deepinversion", "benchmark", 0, "reference-shipped") not in runs
     assert len(runs) == 4 * 3 + 2 * 3 + 3 * 2  # generator methods at benchmark, DAFL/ZSKT at paper, DI/CMI/Fast
+
+
+def test_reference_terms_leave_the_students_batchnorm_statistics_alone():
+    """The zero-term check runs after training: it must not move the student that is scored next."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                  torch.nn.LazyLinear(5)).train()
+    student(torch.randn(2, 3, 8, 8))  # materialise the lazy layer
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    generator = torch.nn.Sequential(torch.nn.Linear(8, 3 * 8 * 8), torch.nn.Unflatten(1, (3, 8, 8)))
+
+    def teacher(x, return_features=False):
+        logits = x.flatten(1)[:, :5]
+        return (logits, x.flatten(1)) if return_features else logits
+
+    kl = lambda s, t: torch.nn.functional.kl_div(s.log_softmax(1), t.softmax(1), reduction="batchmean")  # noqa: E731
+    synth = SimpleNamespace(normalizer=lambda x: x, generator=generator, student=student, criterion=kl, hooks=[])
+    terms = parity.reference_terms(None, synth, teacher, {"nz": 8})
+    assert set(terms) == set(parity.TERMS) and terms["adv"] < 0
+    assert student.training and all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
