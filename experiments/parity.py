@@ -8,14 +8,16 @@ scale: the cnn_small teacher (trained by the cpu-small suite if its folder is mi
 `KLDiv`) and the KD loop mirrors its `datafree_kd.train`; nothing of it is copied here: it is imported from the
 folder you fetched. DeepInversion (`recipe=benchmark`), CMI and Fast run at cpu-small's synthesis rate
 (CMI one batch of 64 every 125 KD steps, Fast 20 warm-up syntheses then one every 25, DeepInversion one every 250
-with 200 Adam steps on the pixels instead of the script's 1,000, for time), their pools written as PNGs and read back through the reference's CIFAR train transform, as
-its driver does; its CUDA-only calls (`Generator.clone`, the FOMAML gradient) are made no-ops on a CPU.
+with 200 Adam steps on the pixels instead of the script's 1,000, for time), their pools written as PNGs and
+read back through the reference's CIFAR train transform, as its driver does; its CUDA-only calls
+(`Generator.clone`, the FOMAML gradient) are made no-ops on a CPU.
 
     git clone https://github.com/zju-vipa/Fast-Datafree ../Fast-Datafree
     python experiments/parity.py --reference ../Fast-Datafree --check          # the harness checks, ~1 min
       (the first call trains cpu-small's teacher into runs/demo-teacher, ~8 min on 2 cores; the reference needs
       `pip install termcolor`)
     python experiments/parity.py --reference ../Fast-Datafree --methods dafl zskt --seeds 0 1
+    python experiments/parity.py --reference ../Fast-Datafree --methods zskt --seeds 0 --lockstep   # trace a gap
 
 Up to three implementations per (method, recipe, seed), one CSV line each in experiments/results/parity-cpu-small.csv:
 `toolkit` (`mosaic distill`), `reference` (the reference's classes with the real student in the adversarial
@@ -211,6 +213,98 @@ def reference_terms(ref, synth, teacher, settings: dict) -> dict[str, float]:
             "act": -t_feat.abs().mean().item(), "balance": (p * p.log()).sum().item(), "adv": float(adv)}
 
 
+def reference_synthesizer(ref, settings: dict, *, teacher: nn.Module, student: nn.Module, normalizer,
+                          image_size: int, shipped: bool = False) -> tuple[object, nn.Module]:
+    """The reference's GenerativeSynthesizer (its own Generator at ngf NGF) and KD criterion for `settings`."""
+    generator = ref.reference_generator.Generator(nz=settings["nz"], ngf=NGF, img_size=image_size, nc=3)
+    adversary = torch.nn.L1Loss() if settings["l1"] else ref.criterions.KLDiv()
+    synth = ref.synthesis.GenerativeSynthesizer(
+        teacher=teacher, student=teacher if shipped else student, generator=generator, nz=settings["nz"],
+        img_size=(3, image_size, image_size), iterations=1, lr_g=settings["lr_g"],
+        synthesis_batch_size=BATCH, sample_batch_size=BATCH, adv=settings["adv"], bn=settings["bn"],
+        oh=settings["oh"], act=settings["act"], balance=settings["balance"], criterion=adversary,
+        normalizer=normalizer, device="cpu")
+    if settings["l1"]:
+        return synth, torch.nn.L1Loss()
+    return synth, ref.criterions.KLDiv(T=1.0 if shipped else settings["T"])
+
+
+def toolkit_generator_keys(reference_state: dict) -> dict:
+    """The reference Generator's state dict under `mosaic.players.Generator`'s names (l1.0 -> project,
+    conv_blocks -> body: the same layers at the same indices)."""
+    return {k.replace("l1.0.", "project.", 1).replace("conv_blocks.", "body.", 1): v
+            for k, v in reference_state.items()}
+
+
+def lockstep(ref, *, method: str, seed: int, teacher_dir: Path, cfg: dict, every: int = 50) -> list[dict]:
+    """Both implementations of a benchmark-loop method from the same generator and student weights and the same
+    noise each round (the RNG re-seeded per round on both sides); per round the largest parameter differences,
+    every `every` rounds both students' top-1. Where the two stay equal up to float rounding, a gap between whole
+    runs is seed noise, not an implementation difference."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from mosaic.data import load_split
+    from mosaic.engine.schedule import lr_factor
+    from mosaic.methods import Context, get_method, sgd
+    from mosaic.models import create_model, freeze, load_classifier
+
+    settings, o = reference_settings(method, "benchmark"), cfg[method]
+    teacher_ref, normalizer, meta = reference_teacher(ref, teacher_dir)
+    net, _ = load_classifier(teacher_dir / "model.safetensors")
+    torch.manual_seed(seed)
+    student = create_model(cfg["student"]["arch"], num_classes=meta["num_classes"])
+    student_ref = copy.deepcopy(student)
+    rounds = cfg["steps"]
+    ctx = Context(cfg=cfg, opts=o, teacher=freeze(net).eval(), student=student, num_classes=meta["num_classes"],
+                  image_size=meta["image_size"], channels=3, mean=torch.tensor(meta["mean"]),
+                  std=torch.tensor(meta["std"]), device=torch.device("cpu"), accelerator=Accelerator(cpu=True),
+                  steps=rounds, batch_size=BATCH)
+    method_obj = get_method(method)(ctx)
+    synth, kd = reference_synthesizer(ref, settings, teacher=teacher_ref, student=student_ref, normalizer=normalizer,
+                                      image_size=meta["image_size"])
+    method_obj.generator.load_state_dict(toolkit_generator_keys(synth.generator.state_dict()))
+    opt_ref = sgd(student_ref.parameters(), cfg["student"])
+    factor = lambda i: lr_factor(i, rounds, kind=cfg["schedule"], warmup=float(cfg["warmup"]))  # noqa: E731
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (method_obj.student_opt, opt_ref)]
+    test = load_split(cfg, "test", image_size=meta["image_size"], channels=3)
+
+    def top1(model: nn.Module) -> float:
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model(normalizer(test.images[i:i + 500].float() / 255)).argmax(1)
+                              for i in range(0, len(test), 500)])
+        model.train()
+        return (pred == test.labels).float().mean().item()
+
+    def largest_difference(a: dict, b: dict) -> float:
+        return max((x - b[k]).abs().max().item() for k, x in a.items() if x.dtype.is_floating_point)
+
+    method_obj.generator.train()
+    student.train()
+    trace = []
+    for r in range(rounds):
+        torch.manual_seed(1000 * seed + r)
+        method_obj.generative_step()
+        torch.manual_seed(1000 * seed + r)
+        synth.synthesize()
+        student_ref.train()
+        for _ in range(settings["kd_steps"]):
+            kd_update(student_ref, teacher_ref, synth.sample()[0], kd, opt_ref)
+        for sched in scheds:
+            sched.step()
+        row = {"round": r + 1,
+               "generator": largest_difference(method_obj.generator.state_dict(),
+                                               toolkit_generator_keys(synth.generator.state_dict())),
+               "student": largest_difference(student.state_dict(), student_ref.state_dict())}
+        if (r + 1) % every == 0 or r + 1 == rounds:
+            row.update(toolkit_top1=top1(student), reference_top1=top1(student_ref))
+        print(f"[lockstep] {row}", flush=True)
+        trace.append(row)
+    return trace
+
+
 def run_reference(ref, *, method: str, recipe: str, seed: int, shipped: bool, teacher_dir: Path, cfg: dict,
                   out: Path, updates: int = UPDATES) -> dict:
     """Train a student with the reference's generator loop; its top-1 by the toolkit's evaluation."""
@@ -222,18 +316,8 @@ def run_reference(ref, *, method: str, recipe: str, seed: int, shipped: bool, te
     seed_all(seed)
     teacher, normalizer, meta = reference_teacher(ref, teacher_dir)
     student = create_model(cfg["student"]["arch"], num_classes=meta["num_classes"])
-    generator = ref.reference_generator.Generator(nz=settings["nz"], ngf=NGF, img_size=meta["image_size"], nc=3)
-    adversary = torch.nn.L1Loss() if settings["l1"] else ref.criterions.KLDiv()
-    synth = ref.synthesis.GenerativeSynthesizer(
-        teacher=teacher, student=teacher if shipped else student, generator=generator, nz=settings["nz"],
-        img_size=(3, meta["image_size"], meta["image_size"]), iterations=1, lr_g=settings["lr_g"],
-        synthesis_batch_size=BATCH, sample_batch_size=BATCH, adv=settings["adv"], bn=settings["bn"],
-        oh=settings["oh"], act=settings["act"], balance=settings["balance"], criterion=adversary,
-        normalizer=normalizer, device="cpu")
-    if settings["l1"]:
-        kd = torch.nn.L1Loss()
-    else:
-        kd = ref.criterions.KLDiv(T=1.0 if shipped else settings["T"])
+    synth, kd = reference_synthesizer(ref, settings, teacher=teacher, student=student, normalizer=normalizer,
+                                      image_size=meta["image_size"], shipped=shipped)
     opt = sgd(student.parameters(), cfg["student"])  # the toolkit's student optimizer, as its runs get
     rounds = updates // settings["kd_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda r: lr_factor(r, rounds, kind=cfg["schedule"],
@@ -491,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--updates", type=int, default=UPDATES,
                    help=f"student updates per run (default {UPDATES}, cpu-small's; fewer only to try the harness)")
     p.add_argument("--check", action="store_true", help="only the harness checks (teacher top-1), then stop")
+    p.add_argument("--lockstep", action="store_true",
+                   help="trace a benchmark-loop method instead: both sides from the same weights and noise, round by "
+                        "round (one method, one seed)")
     args = p.parse_args(argv)
     from mosaic.cli import _resolve
 
@@ -502,6 +589,14 @@ def main(argv: list[str] | None = None) -> int:
                                                   out=args.out)))
         check_teacher(ref, teacher_dir, cfg)
         if args.check:
+            return 0
+        if args.lockstep:
+            method, seed = args.methods[0], args.seeds[0]
+            if len(args.methods) != 1 or method not in GENERATIVE:
+                raise ParityError(f"--lockstep traces one of {', '.join(GENERATIVE)}: pass --methods with one of them")
+            items = toolkit_items(method, "benchmark", seed, spec=spec, teacher_dir=teacher_dir, out=args.out,
+                                  updates=args.updates)
+            lockstep(ref, method=method, seed=seed, teacher_dir=teacher_dir, cfg=_resolve(as_overrides(items)))
             return 0
         for method, recipe, seed, impl in planned(args.methods, args.recipes, args.seeds, args.implementations):
             print(f"[parity] {method} {recipe} {impl} seed {seed}", flush=True)

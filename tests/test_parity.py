@@ -138,3 +138,17 @@ def test_reference_terms_leave_the_students_batchnorm_statistics_alone():
     terms = parity.reference_terms(None, synth, teacher, {"nz": 8})
     assert set(terms) == set(parity.TERMS) and terms["adv"] < 0
     assert student.training and all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+
+
+def test_reference_generator_weights_load_into_the_toolkits_generator():
+    """--lockstep starts both sides from one generator: the reference's names map onto mosaic's Generator(width=2)."""
+    from mosaic.players import Generator
+
+    torch.manual_seed(0)
+    source = Generator(nz=16, ngf=8, image_size=32, width=2)
+    as_reference = {k.replace("project.", "l1.0.", 1).replace("body.", "conv_blocks.", 1): v
+                    for k, v in source.state_dict().items()}
+    target = Generator(nz=16, ngf=8, image_size=32, width=2)
+    target.load_state_dict(parity.toolkit_generator_keys(as_reference))  # strict: every name must match
+    z = torch.randn(3, 16)
+    assert torch.equal(source.eval()(z), target.eval()(z))
