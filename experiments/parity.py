@@ -106,6 +106,11 @@ def reference_settings(method: str, recipe: str) -> dict | None:
     return None  # dfad: the reference's paper settings are its benchmark ones
 
 
+def synthesis_iterations(method: str, o: dict) -> int:
+    """Optimiser steps per synthesis of a pool method: DeepInversion's pixel steps, CMI's and Fast's g_steps."""
+    return o["di_iters"] if method == "deepinversion" else o["g_steps"]
+
+
 def toolkit_steps(method: str, recipe: str, updates: int) -> int:
     """Engine steps giving `updates` student updates (DAFL's paper recipe: one per step; pools: plus warm-up)."""
     o = toolkit_recipe(method, recipe)
@@ -168,6 +173,20 @@ def save_and_score(student: nn.Module, folder: Path, cfg: dict, meta: dict) -> d
                                              "in_chans": 3, "image_size": meta["image_size"],
                                              "mean": meta["mean"], "std": meta["std"]})
     return evaluate_folder(folder, cfg)
+
+
+def top1_through(model: nn.Module, normalizer, test) -> float:
+    """A classifier's top-1 on a uint8 test split scaled to [0, 1] (as ToTensor) and normalised by the reference's
+    Normalizer, in eval mode (its mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            pred = torch.cat([model(normalizer(test.images[i:i + 500].float() / 255)).argmax(1)
+                              for i in range(0, len(test), 500)])
+    finally:
+        model.train(was_training)
+    return (pred == test.labels).float().mean().item()
 
 
 def seed_all(seed: int) -> None:
@@ -248,16 +267,16 @@ def lockstep(ref, *, method: str, seed: int, teacher_dir: Path, cfg: dict, every
     from mosaic.data import load_split
     from mosaic.engine.schedule import lr_factor
     from mosaic.methods import Context, get_method, sgd
-    from mosaic.models import create_model, freeze, load_classifier
+    from mosaic.models import create_model
 
     settings, o = reference_settings(method, "benchmark"), cfg[method]
-    teacher_ref, normalizer, meta = reference_teacher(ref, teacher_dir)
-    net, _ = load_classifier(teacher_dir / "model.safetensors")
+    teacher_ref, normalizer, meta = reference_teacher(ref, teacher_dir)  # its frozen net is the toolkit's teacher too
+    # (the reference's BN hooks then also fire on the toolkit's forwards: extra statistics, no effect on either)
     torch.manual_seed(seed)
     student = create_model(cfg["student"]["arch"], num_classes=meta["num_classes"])
     student_ref = copy.deepcopy(student)
     rounds = cfg["steps"]
-    ctx = Context(cfg=cfg, opts=o, teacher=freeze(net).eval(), student=student, num_classes=meta["num_classes"],
+    ctx = Context(cfg=cfg, opts=o, teacher=teacher_ref.net, student=student, num_classes=meta["num_classes"],
                   image_size=meta["image_size"], channels=3, mean=torch.tensor(meta["mean"]),
                   std=torch.tensor(meta["std"]), device=torch.device("cpu"), accelerator=Accelerator(cpu=True),
                   steps=rounds, batch_size=BATCH)
@@ -269,14 +288,6 @@ def lockstep(ref, *, method: str, seed: int, teacher_dir: Path, cfg: dict, every
     factor = lambda i: lr_factor(i, rounds, kind=cfg["schedule"], warmup=float(cfg["warmup"]))  # noqa: E731
     scheds = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (method_obj.student_opt, opt_ref)]
     test = load_split(cfg, "test", image_size=meta["image_size"], channels=3)
-
-    def top1(model: nn.Module) -> float:
-        model.eval()
-        with torch.no_grad():
-            pred = torch.cat([model(normalizer(test.images[i:i + 500].float() / 255)).argmax(1)
-                              for i in range(0, len(test), 500)])
-        model.train()
-        return (pred == test.labels).float().mean().item()
 
     def largest_difference(a: dict, b: dict) -> float:
         return max((x - b[k]).abs().max().item() for k, x in a.items() if x.dtype.is_floating_point)
@@ -299,7 +310,8 @@ def lockstep(ref, *, method: str, seed: int, teacher_dir: Path, cfg: dict, every
                                                toolkit_generator_keys(synth.generator.state_dict())),
                "student": largest_difference(student.state_dict(), student_ref.state_dict())}
         if (r + 1) % every == 0 or r + 1 == rounds:
-            row.update(toolkit_top1=top1(student), reference_top1=top1(student_ref))
+            row.update(toolkit_top1=top1_through(student, normalizer, test),
+                       reference_top1=top1_through(student_ref, normalizer, test))
         print(f"[lockstep] {row}", flush=True)
         trace.append(row)
     return trace
@@ -374,7 +386,7 @@ def run_reference_pool(ref, *, method: str, seed: int, teacher_dir: Path, cfg: d
     folder = out / f"parity-{method}-benchmark-reference-s{seed}"
     pool_dir = folder / "pool"
     shutil.rmtree(pool_dir, ignore_errors=True)  # the reference reads every image in its folder
-    iterations = o["di_iters"] if method == "deepinversion" else o["g_steps"]
+    iterations = synthesis_iterations(method, o)
     if method == "deepinversion":  # datafree_kd.py's call: no TV or L2 prior
         synth = ref.synthesis.DeepInvSyntheiszer(
             teacher, student, classes, (3, size, size), iterations=iterations, lr_g=o["lr"],
@@ -450,10 +462,10 @@ def run_toolkit(method: str, cfg: dict) -> dict:
     losses = res["final_losses"]  # a term whose weight option the method lacks (ZSKT's, DFAD's g_adv) always counts
     zero = [k for k, w in {**WEIGHTS, "g_ie": "lambda_ie"}.items()
             if k in losses and o.get(w, 1.0) and abs(losses[k]) < ZERO]
-    if method == "deepinversion":
-        g_steps = res["di_syntheses"] * o["di_iters"]
+    if method in POOL:  # DeepInversion's results are prefixed di_
+        g_steps = res[f"{'di' if method == 'deepinversion' else method}_syntheses"] * synthesis_iterations(method, o)
     else:
-        g_steps = res[f"{method}_syntheses"] * o["g_steps"] if method in POOL else res["steps"]
+        g_steps = res["steps"]
     return {"student_top1": res["student_top1"], "teacher_top1": res.get("teacher_top1"), "wall_s": res["wall_s"],
             "student_updates": res["student_updates"], "generator_steps": g_steps, "zero_terms": " ".join(zero)}
 
@@ -473,10 +485,7 @@ def check_teacher(ref, teacher_dir: Path, cfg: dict) -> float:
     toolkit = evaluate_folder(teacher_dir, cfg)["student_top1"]
     view, norm, meta = reference_teacher(ref, teacher_dir)
     test = load_split(cfg, "test", image_size=meta["image_size"], channels=3)
-    with torch.no_grad():
-        pred = torch.cat([view(norm(test.images[i:i + 500].float() / 255)).argmax(1)  # uint8 -> [0, 1], as ToTensor
-                          for i in range(0, len(test), 500)])
-    through = (pred == test.labels).float().mean().item()
+    through = top1_through(view, norm, test)
     if abs(through - toolkit) > 1e-4:
         raise ParityError(f"the teacher scores {through:.4f} through the harness but {toolkit:.4f} in the toolkit: "
                           f"the harness's normalisation or calling convention is wrong")

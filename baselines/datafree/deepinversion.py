@@ -123,8 +123,9 @@ class DeepInversion(PoolDistillation):
         o = self.opts
         self.synth_batch = o["synth_batch"] or ctx.batch_size
         check_positive(self.name, {"synth_batch": self.synth_batch}, "synth_batch")
-        require(o["competition_form"] in COMPETITION_FORMS, f"deepinversion.competition_form must be one of "
-                                                            f"{', '.join(COMPETITION_FORMS)}, got {o['competition_form']!r}")
+        require(o["competition_form"] in COMPETITION_FORMS,
+                f"deepinversion.competition_form must be one of {', '.join(COMPETITION_FORMS)}, "
+                f"got {o['competition_form']!r}")
         require(o["targets"] in TARGETS, f"deepinversion.targets must be one of {', '.join(TARGETS)}, "
                                          f"got {o['targets']!r}")
         self.interleaved = o["synth_every"] is not None

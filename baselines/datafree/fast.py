@@ -18,9 +18,10 @@ synthesis from its last iteration). The lowest-loss iterate goes to the image po
     meta=reptile  Reptile: G_0 <- G_0 + lr_meta * (G - G_0)
 
 The student learns KD at temperature T on augmented pool batches; `warmup` synthesis-only
-steps come first (see InterleavedSynthesis), the last of them already adversarial: the reference counts
-a synthesis before testing `ep >= warmup`, so its adversary starts at synthesis number `warmup`. Not ported: the reference's `reset_l0` (a
-re-initialisation of G_0's first layer at epoch 120 + warmup, whose module test is always true).
+steps come first (see InterleavedSynthesis), the last of them already adversarial: the reference
+counts a synthesis before testing `ep >= warmup`, so its adversary starts at synthesis number `warmup`.
+Not ported: the reference's `reset_l0` (a re-initialisation of G_0's first layer at epoch 120 + warmup,
+whose module test is always true).
 """
 from __future__ import annotations
 
